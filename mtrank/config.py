@@ -1,0 +1,311 @@
+"""Typed experiment configuration: data, features, tasks, model, training.
+
+A config is YAML validated by pydantic at the edge. Every error names the dotted path of the bad
+key (``features.3.buckets: Input should be greater than 0``). ``--set a.b=c`` overrides are
+applied to the raw mapping before validation, so they are validated like everything else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+class SplitConfig(_Strict):
+    """How validation/test rows are obtained when they are not given as files.
+
+    ``source: train`` carves seeded fractions out of the training files; ``source: test`` splits the
+    test files into validation and test (the MMoE census protocol: ``.test`` split 1:1).
+    """
+
+    source: Literal["train", "test"] = "train"
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 2024
+
+
+class DataConfig(_Strict):
+    train: list[str] = Field(min_length=1)
+    validation: list[str] = []
+    test: list[str] = []
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    header: bool = True
+    columns: list[str] | None = None  # explicit column names (required when header is false)
+    sep: str = ","
+    na_values: list[str] = ["", "?", "NA", "NaN", "nan", "null"]
+    split: SplitConfig = SplitConfig()
+    # Resolves ``${VAR:-default}`` and relative paths against this directory (set by the loader).
+    base_dir: str = "."
+
+    @model_validator(mode="after")
+    def _columns_when_headerless(self) -> "DataConfig":
+        if not self.header and not self.columns:
+            raise ValueError("columns: required when header is false")
+        return self
+
+    def resolve(self, path: str) -> Path:
+        expanded = _expand_env(path)
+        p = Path(expanded)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+def _expand_env(value: str) -> str:
+    """``${VAR:-default}`` and ``${VAR}`` expansion (os.path.expandvars lacks defaults)."""
+    import re
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(3)
+        return os.environ.get(name, default if default is not None else m.group(0))
+
+    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, value)
+
+
+# ------------------------------------------------------------------------------------- features
+
+Side = Literal["user", "context", "item"]
+
+
+class CategoricalFeature(_Strict):
+    """A categorical id: hashed into ``buckets`` or looked up in a vocabulary fitted on train."""
+
+    kind: Literal["categorical"] = "categorical"
+    name: str
+    column: str | None = None
+    side: Side
+    encoding: Literal["hash", "vocab"] = "hash"
+    buckets: int = Field(1000, gt=0)  # hash only
+    min_count: int = Field(1, ge=1)  # vocab only: rarer values map to the OOV bucket
+    max_vocab: int = Field(100_000, gt=0)  # vocab only
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+class MultiCategoricalFeature(_Strict):
+    """A bag of categorical ids in one cell (``"a|b|c"``), hashed and mean/sum pooled."""
+
+    kind: Literal["multi_categorical"] = "multi_categorical"
+    name: str
+    column: str | None = None
+    side: Side
+    buckets: int = Field(1000, gt=0)
+    separator: str = "|"
+    max_len: int = Field(8, gt=0)
+    pooling: Literal["mean", "sum"] = "mean"
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+class NumericFeature(_Strict):
+    """A dense value: optional log1p, standardised with train-split statistics, clipped."""
+
+    kind: Literal["numeric"] = "numeric"
+    name: str
+    column: str | None = None
+    side: Side
+    transform: Literal["none", "log1p"] = "none"
+    normalize: Literal["standard", "none"] = "standard"
+    default: float | None = None  # raw value for missing cells; None = the train mean
+    clip: float = Field(5.0, gt=0)
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+Feature = Annotated[CategoricalFeature | MultiCategoricalFeature | NumericFeature, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------------- tasks
+
+
+class LabelRule(_Strict):
+    """How a label is derived from a column. Missing cells give a masked (missing) label."""
+
+    column: str
+    op: Literal["eq", "ne", "gt", "ge", "lt", "le", "in", "value"] = "value"
+    value: Any = None  # scalar for comparisons, list for ``in``; unused for ``value``
+
+    @model_validator(mode="after")
+    def _check_value(self) -> "LabelRule":
+        if self.op == "in" and not isinstance(self.value, list):
+            raise ValueError("value: op 'in' needs a list")
+        if self.op not in ("value", "in") and self.value is None:
+            raise ValueError(f"value: op '{self.op}' needs a value")
+        return self
+
+
+class ChainConfig(_Strict):
+    """Entire-space chain (ESMM): p(task) = p(parent) * p(head); the head has no label of its own."""
+
+    parent: str
+    head: str  # name of the conditional head, e.g. "cvr"; exported as an output of its own
+
+
+class TaskConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    type: Literal["binary", "regression"] = "binary"
+    label: LabelRule
+    weight: float = Field(1.0, ge=0.0)
+    chain: ChainConfig | None = None
+
+
+# ---------------------------------------------------------------------------------------- model
+
+Arch = Literal["single", "shared_bottom", "mmoe", "cgc", "ple"]
+
+
+class ModelConfig(_Strict):
+    arch: Arch = "mmoe"
+    embedding_dim: int = Field(8, gt=0)
+    expert_hidden: list[int] = Field([64], min_length=1)  # expert (or bottom) MLP widths
+    tower_hidden: list[int] = [32]
+    n_experts: int = Field(4, gt=0)  # MMoE
+    n_shared_experts: int = Field(2, ge=0)  # CGC/PLE
+    n_task_experts: int = Field(1, gt=0)  # CGC/PLE, per task
+    levels: int = Field(1, gt=0)  # PLE extraction levels (CGC is PLE with 1 level)
+    gate_temperature: float = Field(1.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+class EarlyStopping(_Strict):
+    metric: str = "mean_auc"  # "mean_auc", "<task>.auc", "<task>.logloss", "loss"
+    patience: int = Field(2, ge=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(5, gt=0)
+    batch_size: int = Field(2048, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    balancer: Literal["fixed", "uncertainty"] = "fixed"
+    early_stopping: EarlyStopping = EarlyStopping()
+    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch default
+    progress: bool = True
+
+
+class EvalConfig(_Strict):
+    group_column: str | None = None  # gAUC groups (e.g. a user id column)
+    ece_bins: int = Field(10, gt=1)
+
+
+class Config(_Strict):
+    data: DataConfig
+    features: list[Feature] = Field(min_length=1)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _default_kind(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [({"kind": "categorical", **f} if isinstance(f, dict) and "kind" not in f else f) for f in v]
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        names = [f.name for f in self.features]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"features: duplicate names {sorted(dup)}")
+        tnames = [t.name for t in self.tasks]
+        if len(set(tnames)) != len(tnames):
+            raise ValueError("tasks: duplicate task names")
+        heads = set()
+        for i, t in enumerate(self.tasks):
+            if t.chain is None:
+                continue
+            if t.chain.parent not in tnames or t.chain.parent == t.name:
+                raise ValueError(f"tasks.{i}.chain.parent: '{t.chain.parent}' is not another task")
+            parent = next(p for p in self.tasks if p.name == t.chain.parent)
+            if parent.chain is not None or parent.type != "binary" or t.type != "binary":
+                raise ValueError(f"tasks.{i}.chain: chains link two binary tasks, one level deep")
+            if t.chain.head in tnames or t.chain.head in heads:
+                raise ValueError(f"tasks.{i}.chain.head: '{t.chain.head}' clashes with another name")
+            heads.add(t.chain.head)
+        if self.model.arch in ("cgc", "ple") and self.model.n_shared_experts == 0 and len(self.tasks) == 1:
+            raise ValueError("model.n_shared_experts: CGC/PLE with one task needs shared experts")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+# -------------------------------------------------------------------------------------- loading
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = raw
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(p)]
+            else:
+                node = node.setdefault(p, {})
+        last = parts[-1]
+        parsed = yaml.safe_load(value) if value != "" else ""
+        if isinstance(node, list):
+            node[int(last)] = parsed
+        else:
+            node[last] = parsed
+    return raw
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("categorical", "numeric", "multi_categorical")))
+        lines.append(f"{loc or '<root>'}: {e['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_config(raw: dict[str, Any], base_dir: str | Path = ".") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError("invalid config: top level must be a mapping")
+    raw = dict(raw)
+    if isinstance(raw.get("data"), dict):
+        raw["data"] = {"base_dir": str(base_dir), **raw["data"]}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    apply_overrides(raw, overrides or [])
+    return parse_config(raw, base_dir=path.parent)

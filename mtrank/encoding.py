@@ -1,0 +1,283 @@
+"""Feature encoding shared by the trainer and the service (numpy only, no torch, no pandas).
+
+Raw values become two arrays per side (``request`` = user + context features, ``item``):
+
+* ``ids``   int64   [n, S]  global rows of one shared embedding table (row 0 = padding)
+* ``dense`` float32 [n, D]  normalised numeric values
+
+Each categorical feature owns a contiguous block of rows ``[offset, offset + size)`` in the table:
+local 0 is "missing", hashed values land in ``1 + fnv1a64(value) % buckets``; vocabularies use
+local 1 for out-of-vocabulary and ``2 + index`` for known values. A multi-valued feature takes
+``max_len`` slots; unused slots hold the padding row 0, which the model masks out when pooling.
+
+Values are canonicalised to strings before hashing (``canonical_strings``) so that the CSV cell
+``"21"``, the JSON number ``21`` and the JSON number ``21.0`` hash alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+
+FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+FNV_PRIME = np.uint64(0x100000001B3)
+
+SIDES: dict[str, tuple[str, ...]] = {"request": ("user", "context"), "item": ("item",)}
+Group = Literal["request", "item"]
+
+
+def fnv1a64(values: np.ndarray) -> np.ndarray:
+    """FNV-1a 64-bit hash of each string's UTF-8 bytes; vectorised over unique values.
+
+    Stable across processes and platforms (unlike ``hash()``), reproducible in any language.
+    """
+    values = np.asarray(values, dtype=str)
+    if values.size == 0:
+        return np.zeros(values.shape, dtype=np.uint64)
+    uniq, inverse = np.unique(values, return_inverse=True)
+    raw = np.char.encode(uniq, "utf-8")  # dtype S{w}, zero padded
+    width = raw.dtype.itemsize
+    mat = np.frombuffer(raw.tobytes(), dtype=np.uint8).reshape(len(uniq), width)
+    lengths = np.char.str_len(raw)
+    h = np.full(len(uniq), FNV_OFFSET, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(width):  # loop over byte positions, vectorised over values
+            active = lengths > j
+            h = np.where(active, (h ^ mat[:, j].astype(np.uint64)) * FNV_PRIME, h)
+    return h[inverse].reshape(values.shape)
+
+
+def _canonical(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return None
+        return str(int(v)) if v.is_integer() else repr(v)
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, np.floating):
+        return _canonical(float(v))
+    s = str(v)
+    return s
+
+
+def canonical_strings(values: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values -> (unicode array, missing mask). Missing: None, NaN, empty string."""
+    arr = np.asarray(values, dtype=object) if not isinstance(values, np.ndarray) else values
+    if arr.dtype.kind == "U":
+        out = arr
+    elif arr.dtype.kind in "iu":
+        out = arr.astype(str)
+    else:
+        out = np.array([_canonical(v) or "" for v in arr.ravel()], dtype=str).reshape(arr.shape) if arr.size else np.zeros(arr.shape, dtype="<U1")
+    missing = out == ""
+    return out, missing
+
+
+@dataclass(frozen=True)
+class FittedFeature:
+    """One feature with everything needed to encode it; serialised into the bundle manifest."""
+
+    name: str
+    kind: Literal["categorical", "multi_categorical", "numeric"]
+    side: Literal["user", "context", "item"]
+    source: str  # column name in training data
+    # categorical / multi_categorical
+    encoding: Literal["hash", "vocab", "none"] = "none"
+    buckets: int = 0
+    vocab: list[str] = field(default_factory=list)
+    offset: int = 0  # first global embedding row
+    max_len: int = 1
+    separator: str = "|"
+    pooling: Literal["mean", "sum"] = "mean"
+    # numeric
+    transform: Literal["none", "log1p"] = "none"
+    mean: float = 0.0
+    std: float = 1.0
+    default: float = 0.0  # raw units
+    clip: float = 5.0
+
+    @property
+    def group(self) -> Group:
+        return "item" if self.side == "item" else "request"
+
+    @property
+    def size(self) -> int:
+        """Rows this feature owns in the embedding table (0 for numeric)."""
+        if self.kind == "numeric":
+            return 0
+        if self.encoding == "vocab":
+            return len(self.vocab) + 2
+        return self.buckets + 1
+
+    @property
+    def n_slots(self) -> int:
+        return {"numeric": 0, "categorical": 1, "multi_categorical": self.max_len}[self.kind]
+
+
+@dataclass(frozen=True)
+class FittedSchema:
+    """The frozen feature schema: the ordered features and the table size."""
+
+    features: tuple[FittedFeature, ...]
+    table_size: int  # rows of the shared embedding table, including padding row 0
+
+    # ---- layout -------------------------------------------------------------------------
+    def of(self, group: Group, kind: str | tuple[str, ...]) -> list[FittedFeature]:
+        kinds = (kind,) if isinstance(kind, str) else kind
+        return [f for f in self.features if f.group == group and f.kind in kinds]
+
+    def id_features(self, group: Group) -> list[FittedFeature]:
+        return self.of(group, ("categorical", "multi_categorical"))
+
+    def dense_features(self, group: Group) -> list[FittedFeature]:
+        return self.of(group, "numeric")
+
+    def n_slots(self, group: Group) -> int:
+        return sum(f.n_slots for f in self.id_features(group))
+
+    def n_dense(self, group: Group) -> int:
+        return len(self.dense_features(group))
+
+    def slot_fields(self, group: Group) -> list[int]:
+        """Field index (position among the group's id features) of each id slot."""
+        return [i for i, f in enumerate(self.id_features(group)) for _ in range(f.n_slots)]
+
+    def input_names(self) -> list[str]:
+        """ONNX input names in a fixed order, omitting empty groups."""
+        names = []
+        for g in ("request", "item"):
+            if self.n_slots(g):
+                names.append(f"{g}_ids")
+            if self.n_dense(g):
+                names.append(f"{g}_dense")
+        return names
+
+    # ---- (de)serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"table_size": self.table_size, "hash": "fnv1a64-utf8", "features": [asdict(f) for f in self.features]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FittedSchema":
+        if d.get("hash", "fnv1a64-utf8") != "fnv1a64-utf8":
+            raise ValueError(f"schema.hash: unsupported hash function {d.get('hash')!r}")
+        feats = tuple(FittedFeature(**f) for f in d["features"])
+        return cls(features=feats, table_size=int(d["table_size"]))
+
+    def feature(self, name: str) -> FittedFeature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+# ------------------------------------------------------------------------------------ encoding
+
+
+def vocab_lookup(f: FittedFeature) -> dict[str, int]:
+    """Known value -> local index (2 + position); unknown values take the OOV index 1."""
+    return {v: i + 2 for i, v in enumerate(f.vocab)}
+
+
+def encode_categorical(
+    f: FittedFeature, values: Sequence[Any] | np.ndarray, lookup: Mapping[str, int] | None = None
+) -> np.ndarray:
+    """Raw values [n] -> global embedding rows int64 [n]."""
+    strings, missing = canonical_strings(values)
+    if f.encoding == "vocab":
+        lookup = lookup if lookup is not None else vocab_lookup(f)
+        local = np.fromiter((lookup.get(s, 1) for s in strings.tolist()), dtype=np.int64, count=len(strings))
+    else:
+        local = (fnv1a64(strings) % np.uint64(f.buckets)).astype(np.int64) + 1
+    local[missing] = 0
+    return local + f.offset
+
+
+def encode_multi(f: FittedFeature, values: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """Bags (``"a|b"`` strings or lists) [n] -> global rows int64 [n, max_len], 0 = padding."""
+    n = len(values)
+    out = np.zeros((n, f.max_len), dtype=np.int64)
+    rows, cols, tokens = [], [], []
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, float) and v != v):
+            continue
+        items = v if isinstance(v, (list, tuple, np.ndarray)) else str(v).split(f.separator)
+        items = [t for t in (_canonical(t) for t in items) if t][: f.max_len]
+        rows.extend([i] * len(items))
+        cols.extend(range(len(items)))
+        tokens.extend(items)
+    if tokens:
+        h = fnv1a64(np.asarray(tokens, dtype=str))
+        out[rows, cols] = (h % np.uint64(f.buckets)).astype(np.int64) + 1 + f.offset
+    return out
+
+
+def to_float(values: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """Raw numeric values -> float64 with NaN for missing/unparseable."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "fiub":
+        return arr.astype(np.float64)
+    out = np.empty(len(arr), dtype=np.float64)
+    for i, v in enumerate(arr.tolist()):
+        try:
+            out[i] = float(v) if v is not None and v != "" else np.nan
+        except (TypeError, ValueError):
+            out[i] = np.nan
+    return out
+
+
+def normalize_numeric(f: FittedFeature, raw: np.ndarray) -> np.ndarray:
+    """float64 raw [n] (NaN = missing) -> float32 normalised [n]."""
+    x = np.where(np.isfinite(raw), raw, f.default)
+    if f.transform == "log1p":
+        x = np.sign(x) * np.log1p(np.abs(x))
+    x = (x - f.mean) / f.std
+    return np.clip(x, -f.clip, f.clip).astype(np.float32)
+
+
+class FeatureEncoder:
+    """Encodes columns of raw values (keyed by feature name) into the model's input arrays."""
+
+    def __init__(self, schema: FittedSchema):
+        self.schema = schema
+        self._vocab = {f.name: vocab_lookup(f) for f in schema.features if f.encoding == "vocab"}
+
+    def encode(self, group: Group, columns: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
+        """columns: feature name -> raw values [n] (absent feature = all missing).
+
+        Returns ``{"<group>_ids": int64 [n, S], "<group>_dense": float32 [n, D]}`` (empty parts omitted).
+        """
+        out: dict[str, np.ndarray] = {}
+        id_feats = self.schema.id_features(group)
+        if id_feats:
+            ids = np.empty((n, self.schema.n_slots(group)), dtype=np.int64)
+            col = 0
+            for f in id_feats:
+                vals = columns.get(f.name)
+                if vals is None:
+                    vals = np.full(n, None, dtype=object)
+                if f.kind == "categorical":
+                    ids[:, col] = encode_categorical(f, vals, self._vocab.get(f.name))
+                else:
+                    ids[:, col : col + f.max_len] = encode_multi(f, vals)
+                col += f.n_slots
+            out[f"{group}_ids"] = ids
+        dense_feats = self.schema.dense_features(group)
+        if dense_feats:
+            dense = np.empty((n, len(dense_feats)), dtype=np.float32)
+            for j, f in enumerate(dense_feats):
+                vals = columns.get(f.name)
+                raw = np.full(n, np.nan) if vals is None else to_float(vals)
+                dense[:, j] = normalize_numeric(f, raw)
+            out[f"{group}_dense"] = dense
+        return out
+
+    def encode_all(self, columns: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
+        """Both groups, row-aligned (the training layout)."""
+        return {**self.encode("request", columns, n), **self.encode("item", columns, n)}
+
