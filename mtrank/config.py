@@ -301,11 +301,35 @@ def parse_config(raw: dict[str, Any], base_dir: str | Path = ".") -> Config:
         raise ConfigError(format_validation_error(err)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    path = Path(path)
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config; ``extends: other.yaml`` (relative to this file) is deep-merged under it."""
+    if path in seen:
+        raise ConfigError(f"{path}: extends cycle")
     try:
         raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: expected a file name")
+    return _deep_merge(_read_yaml((path.parent / parent).resolve(), (*seen, path)), raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path).resolve()
+    raw = _read_yaml(path)
     apply_overrides(raw, overrides or [])
     return parse_config(raw, base_dir=path.parent)

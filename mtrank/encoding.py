@@ -179,19 +179,25 @@ class FittedSchema:
 # ------------------------------------------------------------------------------------ encoding
 
 
-def vocab_lookup(f: FittedFeature) -> dict[str, int]:
-    """Known value -> local index (2 + position); unknown values take the OOV index 1."""
-    return {v: i + 2 for i, v in enumerate(f.vocab)}
+VocabIndex = tuple[np.ndarray, np.ndarray]  # (sorted vocabulary, position of each in the original order)
 
 
-def encode_categorical(
-    f: FittedFeature, values: Sequence[Any] | np.ndarray, lookup: Mapping[str, int] | None = None
-) -> np.ndarray:
+def vocab_index(f: FittedFeature) -> VocabIndex:
+    vocab = np.asarray(f.vocab, dtype=str)
+    order = np.argsort(vocab, kind="stable")
+    return vocab[order], order.astype(np.int64)
+
+
+def encode_categorical(f: FittedFeature, values: Sequence[Any] | np.ndarray, index: VocabIndex | None = None) -> np.ndarray:
     """Raw values [n] -> global embedding rows int64 [n]."""
     strings, missing = canonical_strings(values)
     if f.encoding == "vocab":
-        lookup = lookup if lookup is not None else vocab_lookup(f)
-        local = np.fromiter((lookup.get(s, 1) for s in strings.tolist()), dtype=np.int64, count=len(strings))
+        sorted_vocab, order = index if index is not None else vocab_index(f)
+        if len(sorted_vocab):
+            pos = np.clip(np.searchsorted(sorted_vocab, strings), 0, len(sorted_vocab) - 1)  # binary search, vectorised
+            local = np.where(sorted_vocab[pos] == strings, order[pos] + 2, 1)  # known: 2 + index, else OOV 1
+        else:
+            local = np.ones(len(strings), dtype=np.int64)
     else:
         local = (fnv1a64(strings) % np.uint64(f.buckets)).astype(np.int64) + 1
     local[missing] = 0
@@ -245,7 +251,7 @@ class FeatureEncoder:
 
     def __init__(self, schema: FittedSchema):
         self.schema = schema
-        self._vocab = {f.name: vocab_lookup(f) for f in schema.features if f.encoding == "vocab"}
+        self._vocab = {f.name: vocab_index(f) for f in schema.features if f.encoding == "vocab"}
 
     def encode(self, group: Group, columns: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
         """columns: feature name -> raw values [n] (absent feature = all missing).

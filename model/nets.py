@@ -1,0 +1,204 @@
+"""Multi-task rankers: single-task baseline, Shared-Bottom, MMoE, CGC and PLE, with ESMM chains.
+
+All architectures share the input layer (one embedding table, request features broadcast over the
+candidate batch) and the output layer (one batched tower per task). They differ in the body that
+turns the input [B, I] into one representation per task [T, B, H]:
+
+* ``single``        T independent MLPs (one batched MLP with T members)
+* ``shared_bottom`` one MLP, its output shared by every tower
+* ``mmoe``          n shared experts, one softmax gate per task over all of them
+* ``cgc`` / ``ple`` per-task experts + shared experts at each of L extraction levels (CGC: L = 1).
+  At each level, task k's gate mixes task k's experts and the shared experts; the shared gate
+  (levels before the last) mixes all experts. Level l+1's task-k experts read task k's output of
+  level l, its shared experts read the shared output (Tang et al., RecSys 2020, Fig. 5).
+
+ESMM chains: a task with ``chain {parent, head}`` scores p(task) = p(parent) * p(head); its tower
+is the head, trained only through the product on all impressions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mtrank.config import ModelConfig, TaskConfig
+from mtrank.encoding import FittedSchema
+from model.layers import BatchedMLP, FeatureEmbedding, Gate, mix
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    name: str  # ONNX output name, e.g. "gate_l0_ctr"
+    level: int
+    owner: str  # task name or "shared"
+    experts: tuple[str, ...]
+
+
+class ExtractionLevel(nn.Module):
+    """One CGC level. Input: x [B, I] (first level) or per-task inputs [T + 1, B, I] (last = shared).
+
+    Output: per-task outputs [T + 1, B, H] (the shared slot is filled when the level has a shared gate)
+    and the gate weights {gate name: [B, m]}.
+    """
+
+    def __init__(self, level: int, tasks: list[str], n_task: int, n_shared: int, in_dim: int, cfg: ModelConfig,
+                 shared_gate: bool, shared_only_names: bool = False):
+        super().__init__()
+        self.level, self.tasks, self.T = level, tasks, len(tasks)
+        n_total = self.T * n_task + n_shared
+        self.experts = BatchedMLP(n_total, in_dim, cfg.expert_hidden, cfg.dropout)
+        self.out_dim = self.experts.out_dim
+        shared_names = [f"expert{i}" if shared_only_names else f"shared{i}" for i in range(n_shared)]
+        self.expert_names = [f"{t}{i}" for t in tasks for i in range(n_task)] + shared_names
+        # Which stacked input each expert reads: task k's experts read slot k, shared experts slot T.
+        self.register_buffer("expert_input", torch.tensor([k for k in range(self.T) for _ in range(n_task)]
+                                                          + [self.T] * n_shared), persistent=False)
+        shared_idx = list(range(self.T * n_task, n_total))
+        self.selections = [list(range(k * n_task, (k + 1) * n_task)) + shared_idx for k in range(self.T)]
+        self.full_selection = [sel == list(range(n_total)) for sel in self.selections]
+        for k, sel in enumerate(self.selections):
+            self.register_buffer(f"sel{k}", torch.tensor(sel), persistent=False)
+        self.gates = nn.ModuleList(Gate(in_dim, len(sel), cfg.gate_temperature) for sel in self.selections)
+        self.shared_gate = Gate(in_dim, n_total, cfg.gate_temperature) if shared_gate else None
+        self.gate_specs = [GateSpec(f"gate_l{level}_{t}", level, t, tuple(self.expert_names[i] for i in sel))
+                           for t, sel in zip(tasks, self.selections)]
+        if shared_gate:
+            self.gate_specs.append(GateSpec(f"gate_l{level}_shared", level, "shared", tuple(self.expert_names)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if x.dim() == 2:  # first level: every expert and gate reads x [B, I]
+            experts = self.experts(x)  # [n, B, H]
+            gate_in = [x] * (self.T + 1)
+        else:  # x [T + 1, B, I]
+            experts = self.experts(x.index_select(0, self.expert_input))  # [n, B, I] -> [n, B, H]
+            gate_in = list(x.unbind(0))
+        gates: dict[str, torch.Tensor] = {}
+        outs = []
+        for k, gate in enumerate(self.gates):
+            w = gate(gate_in[k])  # [B, m]
+            gates[self.gate_specs[k].name] = w
+            chosen = experts if self.full_selection[k] else experts.index_select(0, getattr(self, f"sel{k}"))
+            outs.append(mix(w, chosen))  # [B, H]
+        if self.shared_gate is not None:
+            w = self.shared_gate(gate_in[self.T])  # [B, n]
+            gates[self.gate_specs[-1].name] = w
+            outs.append(mix(w, experts))
+        else:
+            outs.append(torch.zeros_like(outs[0]))
+        return torch.stack(outs), gates  # [T + 1, B, H]
+
+
+class MultiTaskRanker(nn.Module):
+    """Scores a candidate batch for every task and returns every gate's weights.
+
+    ``forward(inputs)`` takes ``{"request_ids": [Br, Sr], "request_dense": [Br, Dr], "item_ids": [B, Si],
+    "item_dense": [B, Di]}`` (present groups only; Br is 1 or B) and returns a dict with
+    ``scores`` {task or chain head: [B]} (probabilities, or values for regression), ``logits``
+    {unchained binary task: [B]} and ``gates`` {gate name: [B, m]}.
+    """
+
+    def __init__(self, schema: FittedSchema, tasks: list[TaskConfig], cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.task_cfgs = list(tasks)
+        self.task_names = [t.name for t in tasks]
+        self.input_names = schema.input_names()
+        self.embedding = FeatureEmbedding(schema, cfg.embedding_dim)
+        d = cfg.embedding_dim
+        in_dim = sum(len(schema.id_features(g)) * d + schema.n_dense(g) for g in ("request", "item"))
+        self.has_request = any(n.startswith("request") for n in self.input_names)
+        self.has_item = any(n.startswith("item") for n in self.input_names)
+        T = len(tasks)
+        self.levels = nn.ModuleList()
+        self.body: nn.Module | None = None
+        if cfg.arch == "single":
+            self.body = BatchedMLP(T, in_dim, cfg.expert_hidden, cfg.dropout)
+            hidden = self.body.out_dim
+        elif cfg.arch == "shared_bottom":
+            self.body = BatchedMLP(1, in_dim, cfg.expert_hidden, cfg.dropout)
+            hidden = self.body.out_dim
+        elif cfg.arch == "mmoe":
+            self.levels.append(ExtractionLevel(0, self.task_names, 0, cfg.n_experts, in_dim, cfg,
+                                               shared_gate=False, shared_only_names=True))
+            hidden = self.levels[0].out_dim
+        else:  # cgc / ple
+            n_levels = 1 if cfg.arch == "cgc" else cfg.levels
+            dim = in_dim
+            for level in range(n_levels):
+                lvl = ExtractionLevel(level, self.task_names, cfg.n_task_experts, cfg.n_shared_experts, dim, cfg,
+                                      shared_gate=level < n_levels - 1)
+                self.levels.append(lvl)
+                dim = lvl.out_dim
+            hidden = dim
+        self.towers = BatchedMLP(T, hidden, [*cfg.tower_hidden, 1], cfg.dropout, last_activation=False)
+        self.gate_specs = [spec for lvl in self.levels for spec in lvl.gate_specs]
+        self.experts = [f"l{lvl.level}.{name}" for lvl in self.levels for name in lvl.expert_names]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Scored names (tasks and chain heads) in output order."""
+        names = list(self.task_names)
+        names += [t.chain.head for t in self.task_cfgs if t.chain is not None]
+        return names
+
+    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Encoded inputs -> x [B, I]; a request batch of 1 is broadcast over the candidates."""
+        parts = {}
+        for g in ("request", "item"):
+            p = []
+            if f"{g}_ids" in inputs:
+                p.append(self.embedding(g, inputs[f"{g}_ids"]))  # [Bg, Fg * D]
+            if f"{g}_dense" in inputs:
+                p.append(inputs[f"{g}_dense"])  # [Bg, Dg]
+            if p:
+                parts[g] = torch.cat(p, dim=1) if len(p) > 1 else p[0]
+        if "request" in parts and "item" in parts:
+            req = parts["request"].expand(parts["item"].shape[0], -1)  # [1 or B, Ir] -> [B, Ir]
+            return torch.cat([req, parts["item"]], dim=1)  # [B, I]
+        return next(iter(parts.values()))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        x = self.features(inputs)  # [B, I]
+        gates: dict[str, torch.Tensor] = {}
+        T = len(self.task_names)
+        if self.cfg.arch == "single":
+            reps = self.body(x)  # [T, B, H]
+        elif self.cfg.arch == "shared_bottom":
+            reps = self.body(x).expand(T, -1, -1)  # [1, B, H] -> [T, B, H]
+        else:
+            h = x
+            for lvl in self.levels:
+                h, g = lvl(h)  # [T + 1, B, H]
+                gates.update(g)
+            reps = h[:T]  # [T, B, H]
+        out = self.towers(reps).squeeze(-1)  # [T, B, 1] -> [T, B]
+        scores: dict[str, torch.Tensor] = {}
+        logits: dict[str, torch.Tensor] = {}
+        for k, t in enumerate(self.task_cfgs):
+            if t.type == "regression":
+                scores[t.name] = out[k]
+            elif t.chain is None:
+                logits[t.name] = out[k]
+                scores[t.name] = torch.sigmoid(out[k])
+        for k, t in enumerate(self.task_cfgs):
+            if t.chain is not None:
+                head = torch.sigmoid(out[k])  # p(head | parent), e.g. pCVR
+                scores[t.chain.head] = head
+                scores[t.name] = scores[t.chain.parent] * head  # pCTCVR = pCTR * pCVR
+        return {"scores": scores, "logits": logits, "gates": gates}
+
+
+class ExportWrapper(nn.Module):
+    """Positional inputs in ``input_names`` order -> flat outputs: scores, then gates (for ONNX)."""
+
+    def __init__(self, model: MultiTaskRanker):
+        super().__init__()
+        self.model = model
+        self.output_names = [f"p_{n}" for n in model.output_names] + [g.name for g in model.gate_specs]
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(dict(zip(self.model.input_names, args)))
+        return tuple(out["scores"][n] for n in self.model.output_names) + tuple(
+            out["gates"][g.name] for g in self.model.gate_specs)

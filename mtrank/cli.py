@@ -1,0 +1,166 @@
+"""The ``mtrank`` command: train, evaluate, export, bundle verify, serve, demo.
+
+Torch is imported only by the subcommands that train or export, so ``mtrank serve`` and
+``mtrank bundle verify`` run on a serving install (onnxruntime + fastapi, no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mtrank.config import ConfigError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (YAML-parsed), e.g. --set model.arch=ple; repeatable")
+    p.add_argument("--data-dir", help="sets $MTRANK_DATA_DIR, which example configs read their data from")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtrank.config import load_config
+    from model.train import format_table, train
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = train(cfg, args.out)
+    print(format_table(metrics))
+    t = metrics["train"]
+    print(f"\nrun: {args.out}  best epoch {t['best_epoch']}  {t['rows_per_s']:.0f} rows/s  params {t['params']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from model.data import encode_split, load_frames
+    from model.train import evaluate_split, format_table, load_run, to_tensors
+
+    cfg, schema, model = load_run(args.run_dir)
+    _, val_df, test_df = load_frames(cfg)
+    result: dict = {"gates": {}}
+    for name, df in (("validation", val_df), ("test", test_df)):
+        if len(df):
+            split = encode_split(cfg, schema, df)
+            result[name], result["gates"][name] = evaluate_split(cfg, model, split, to_tensors(split))
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from model.export import export_run, export_summary
+
+    bundle = export_run(args.run_dir, args.out, version=args.version, activate=not args.no_activate,
+                        quantize=args.quantize, max_auc_drop=args.max_auc_drop)
+    print(json.dumps(export_summary(bundle), indent=1))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from mtrank.bundle import verify_bundle
+
+    manifest = verify_bundle(args.bundle_dir)
+    print(f"ok: {args.bundle_dir} version {manifest.model_version} ({manifest.arch}, tasks "
+          f"{', '.join(manifest.scored_names)})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.main import serve
+
+    serve(args.bundles, host=args.host, port=args.port, config_path=args.config)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mtrank.config import apply_overrides, parse_config
+    from model.export import export_run
+    from model.synthetic import DEMO_CONFIG, write
+    from model.train import format_table, train
+
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "demo.parquet"
+    if not data.exists():
+        print(f"generating {args.rows} synthetic feed interactions -> {data}", file=sys.stderr)
+        write(data, args.rows, seed=0)
+    raw = json.loads(json.dumps(DEMO_CONFIG))
+    raw["data"]["train"] = [str(data)]
+    cfg = parse_config(apply_overrides(raw, args.overrides), base_dir=work)
+    metrics = train(cfg, work / "run")
+    print(format_table(metrics))
+    bundle = export_run(work / "run", work / "bundles")
+    print(f"bundle: {bundle}")
+    if args.no_serve:
+        return 0
+    from service.main import serve
+
+    print(f"serving on http://{args.host}:{args.port}  (POST /rank, GET /docs)", file=sys.stderr)
+    serve(work / "bundles", host=args.host, port=args.port, config_path=None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtrank", description="Multi-task ranking: train, export, serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a multi-task model from a YAML config")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="re-evaluate a run on its validation and test splits")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a run as a versioned bundle (ONNX + manifest)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="bundles directory (versions + CURRENT pointer)")
+    p.add_argument("--version", help="bundle version name (default: timestamp + model hash)")
+    p.add_argument("--no-activate", action="store_true", help="do not point CURRENT at the new version")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none")
+    p.add_argument("--max-auc-drop", type=float, default=0.002, help="int8: refuse when any task's AUC drops more")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bundle", help="bundle tools")
+    bsub = p.add_subparsers(dest="bundle_command", required=True)
+    v = bsub.add_parser("verify", help="check a bundle's checksums, schema and golden outputs")
+    v.add_argument("bundle_dir")
+    v.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("serve", help="serve bundles over HTTP (POST /rank)")
+    p.add_argument("--bundles", required=True, help="bundles directory")
+    p.add_argument("--host", default=os.environ.get("MTRANK_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("MTRANK_PORT", "8000")))
+    p.add_argument("--config", help="service YAML config")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> export -> serve, all with embedded defaults")
+    p.add_argument("--workdir", default="demo-run")
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--no-serve", action="store_true", help="stop after export")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "data_dir", None):
+        os.environ["MTRANK_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    from mtrank.bundle import BundleError
+
+    try:
+        return args.func(args)
+    except (ConfigError, BundleError, FileNotFoundError) as err:
+        print(f"mtrank {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
