@@ -1,0 +1,164 @@
+"""Architectures: shapes, gates, PLE routing, ESMM chains, masked losses, balancers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtrank.config import ModelConfig, TaskConfig
+from mtrank.encoding import FittedFeature, FittedSchema
+from model.balance import make_balancer
+from model.nets import ExtractionLevel, MultiTaskRanker
+from model.train import task_losses
+
+ARCHS = ["single", "shared_bottom", "mmoe", "cgc", "ple"]
+
+
+def _schema() -> FittedSchema:
+    feats = [
+        FittedFeature(name="user_id", kind="categorical", side="user", source="user_id", encoding="hash", buckets=50, offset=1),
+        FittedFeature(name="device", kind="categorical", side="context", source="device", encoding="vocab",
+                      vocab=["android", "ios"], offset=52),
+        FittedFeature(name="age", kind="numeric", side="user", source="age"),
+        FittedFeature(name="item_id", kind="categorical", side="item", source="item_id", encoding="hash", buckets=40, offset=56),
+        FittedFeature(name="tags", kind="multi_categorical", side="item", source="tags", encoding="hash", buckets=20,
+                      offset=97, max_len=3),
+        FittedFeature(name="price", kind="numeric", side="item", source="price"),
+    ]
+    return FittedSchema(features=tuple(feats), table_size=118)
+
+
+TASKS = [
+    TaskConfig(name="ctr", label={"column": "click"}),
+    TaskConfig(name="ctcvr", label={"column": "buy"}, chain={"parent": "ctr", "head": "cvr"}),
+    TaskConfig(name="watch", type="regression", label={"column": "wt"}),
+]
+
+
+def _inputs(b: int, request_batch: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    rb = b if request_batch is None else request_batch
+    tags = torch.randint(97, 118, (b, 3), generator=g)
+    tags[:, 2] = 0  # padding slot
+    return {
+        "request_ids": torch.stack([torch.randint(1, 51, (rb,), generator=g), torch.randint(52, 56, (rb,), generator=g)], 1),
+        "request_dense": torch.randn(rb, 1, generator=g),
+        "item_ids": torch.cat([torch.randint(56, 97, (b, 1), generator=g), tags], 1),
+        "item_dense": torch.randn(b, 1, generator=g),
+    }
+
+
+def _model(arch: str, **kw) -> MultiTaskRanker:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, embedding_dim=4, expert_hidden=[8], tower_hidden=[4], n_experts=3,
+                      n_shared_experts=2, n_task_experts=1, levels=2, **kw)
+    return MultiTaskRanker(_schema(), TASKS, cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shapes_and_gates_sum_to_one(arch: str) -> None:
+    model = _model(arch)
+    out = model(_inputs(7))
+    assert set(out["scores"]) == {"ctr", "ctcvr", "cvr", "watch"}
+    for name, s in out["scores"].items():
+        assert s.shape == (7,), name
+    expected_gates = {"single": 0, "shared_bottom": 0, "mmoe": 3, "cgc": 3, "ple": 3 + 4}[arch]
+    assert len(out["gates"]) == expected_gates == len(model.gate_specs)
+    for spec in model.gate_specs:
+        w = out["gates"][spec.name]
+        assert w.shape == (7, len(spec.experts))
+        torch.testing.assert_close(w.sum(1), torch.ones(7))
+        assert (w >= 0).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_request_batch_of_one_broadcasts(arch: str) -> None:
+    """Serving sends request features once; scores equal the row-repeated training layout."""
+    model = _model(arch)
+    x = _inputs(5, request_batch=1)
+    repeated = {k: (v.expand(5, -1) if k.startswith("request") else v) for k, v in x.items()}
+    a, b = model(x)["scores"], model(repeated)["scores"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+
+
+def test_esmm_identity() -> None:
+    out = _model("mmoe")(_inputs(16))["scores"]
+    torch.testing.assert_close(out["ctcvr"], out["ctr"] * out["cvr"])
+    assert ((out["ctcvr"] <= out["ctr"]) & (out["ctcvr"] >= 0)).all()
+
+
+def test_gate_temperature_sharpens() -> None:
+    x = _inputs(64)
+    hot = _model("mmoe", gate_temperature=5.0)(x)["gates"]["gate_l0_ctr"]
+    cold = _model("mmoe", gate_temperature=0.2)(x)["gates"]["gate_l0_ctr"]
+    entropy = lambda w: -(w * w.clamp_min(1e-12).log()).sum(1).mean()  # noqa: E731
+    assert entropy(cold) < entropy(hot)
+
+
+def test_ple_level_routes_each_task_its_own_output() -> None:
+    """Level l+1: task k's output depends on task k's and the shared output of level l, never on task j's."""
+    model = _model("ple")
+    level1: ExtractionLevel = model.levels[1]
+    h = torch.randn(len(TASKS) + 1, 6, 8, requires_grad=True)  # [T + 1, B, H] outputs of level 0
+    out, _ = level1(h)
+    T = len(TASKS)
+    for k in range(T):
+        (grad,) = torch.autograd.grad(out[k].sum(), h, retain_graph=True)
+        per_slot = grad.abs().sum(dim=(1, 2))  # [T + 1]
+        assert per_slot[k] > 0, f"task {k} ignores its own input"
+        assert per_slot[T] > 0, f"task {k} ignores the shared input"
+        others = [j for j in range(T) if j != k]
+        assert torch.all(per_slot[others] == 0), f"task {k} reads another task's output: {per_slot.tolist()}"
+
+
+def test_ple_expert_batching_matches_per_expert_loop() -> None:
+    """The batched expert GEMM equals running each expert MLP on its own."""
+    model = _model("ple")
+    lvl = model.levels[0]
+    x = torch.randn(5, lvl.experts.weights[0].shape[1])
+    batched = lvl.experts(x)  # [n, B, H]
+    for e in range(lvl.experts.n):
+        h = x
+        for i, (w, b) in enumerate(zip(lvl.experts.weights, lvl.experts.biases)):
+            h = torch.relu(h @ w[e] + b[e])
+        torch.testing.assert_close(batched[e], h)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_masked_rows_give_zero_gradient(arch: str) -> None:
+    model = _model(arch).train()
+    x = _inputs(8)
+    x["item_dense"] = x["item_dense"].clone().requires_grad_(True)
+    labels = torch.tensor([[1.0, 0.0, 2.0]] * 8)
+    mask = torch.ones(8, 3, dtype=torch.bool)
+    mask[:4] = False  # rows 0-3 have no labels at all
+    losses, present = task_losses(model(x), labels, mask, TASKS)
+    losses.sum().backward()
+    grad = x["item_dense"].grad
+    assert torch.all(grad[:4] == 0)
+    assert torch.any(grad[4:] != 0)
+    assert present.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_task_without_labels_in_batch_is_absent() -> None:
+    model = _model("mmoe")
+    mask = torch.ones(8, 3, dtype=torch.bool)
+    mask[:, 2] = False
+    losses, present = task_losses(model(_inputs(8)), torch.zeros(8, 3), mask, TASKS)
+    assert present.tolist() == [1.0, 1.0, 0.0]
+    assert losses[2].item() == 0.0
+
+
+def test_uncertainty_balancer_learns_weights() -> None:
+    bal = make_balancer("uncertainty", TASKS)
+    opt = torch.optim.SGD(bal.parameters(), lr=0.5)
+    losses = torch.tensor([0.1, 1.0, 4.0])
+    for _ in range(200):
+        opt.zero_grad()
+        bal.combine(losses, torch.ones(3)).backward()
+        opt.step()
+    w = bal.state()["weights"]
+    # The optimum of exp(-s) L + s/2 weights a task by 1 / (2 L): noisier tasks get less weight.
+    assert w[0] > w[1] > w[2]
+    assert w[0] == pytest.approx(1 / (2 * 0.1), rel=0.05)
