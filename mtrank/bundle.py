@@ -275,6 +275,7 @@ def write_bundle(bundles_dir: str | Path, manifest: BundleManifest, files: dict[
             fh.write(manifest.dump())
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; readers may run as another user
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(bundles_dir)
@@ -298,6 +299,7 @@ def write_current(bundles_dir: str | Path, version: str) -> None:
     if not (bundles_dir / version).is_dir():
         raise BundleError(f"{bundles_dir / version}: no such bundle version")
     fd, tmp = tempfile.mkstemp(prefix=".CURRENT.", dir=bundles_dir)
+    os.fchmod(fd, 0o644)
     with os.fdopen(fd, "w") as fh:
         fh.write(version + "\n")
         fh.flush()

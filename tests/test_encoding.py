@@ -1,0 +1,61 @@
+"""The shared encoder: stable hashing, canonical values, vocabularies, numeric normalisation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from mtrank.encoding import FeatureEncoder, FittedFeature, FittedSchema, canonical_strings, fnv1a64
+
+
+def test_fnv1a64_known_vectors() -> None:
+    # Reference values of FNV-1a 64 (http://www.isthe.com/chongo/tech/comp/fnv/ test vectors).
+    got = fnv1a64(np.array(["", "a", "foobar"]))
+    assert got.tolist() == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C, 0x85944171F73967E8]
+
+
+def test_hash_is_stable_across_processes() -> None:
+    code = "import numpy as np; from mtrank.encoding import fnv1a64; print(int(fnv1a64(np.array(['user-42']))[0]))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": str(seed), "PATH": ""}).stdout for seed in (1, 2)}
+    assert len(outs) == 1
+    assert int(outs.pop()) == int(fnv1a64(np.array(["user-42"]))[0])
+
+
+def test_canonical_values() -> None:
+    s, missing = canonical_strings([21, 21.0, "21", None, float("nan"), "", True, 2.5, "é"])
+    assert s.tolist() == ["21", "21", "21", "", "", "", "true", "2.5", "é"]
+    assert missing.tolist() == [False, False, False, True, True, True, False, False, False]
+
+
+def _schema() -> FittedSchema:
+    return FittedSchema(features=(
+        FittedFeature(name="u", kind="categorical", side="user", source="u", encoding="hash", buckets=10, offset=1),
+        FittedFeature(name="d", kind="categorical", side="context", source="d", encoding="vocab", vocab=["ios", "android"], offset=12),
+        FittedFeature(name="x", kind="numeric", side="user", source="x", transform="log1p", mean=1.0, std=2.0, default=3.0, clip=1.0),
+        FittedFeature(name="tags", kind="multi_categorical", side="item", source="tags", encoding="hash", buckets=5, offset=16, max_len=3),
+    ), table_size=22)
+
+
+def test_encoder_layout_and_rules() -> None:
+    enc = FeatureEncoder(_schema())
+    out = enc.encode("request", {"u": ["a", None, 7], "d": ["android", "web", None], "x": [0.0, None, 1e9]}, 3)
+    ids, dense = out["request_ids"], out["request_dense"]
+    assert ids.dtype == np.int64 and ids.shape == (3, 2)
+    assert ids[1, 0] == 1  # missing -> local 0 of feature u
+    assert 2 <= ids[0, 0] <= 11 and 2 <= ids[2, 0] <= 11
+    assert ids[:, 1].tolist() == [12 + 3, 12 + 1, 12 + 0]  # vocab index 1 -> local 3; OOV -> 1; missing -> 0
+    expected_missing = (np.log1p(3.0) - 1.0) / 2.0
+    np.testing.assert_allclose(dense[:, 0], [-0.5, expected_missing, 1.0], rtol=1e-6)  # 1e9 clipped at +1
+    items = enc.encode("item", {"tags": ["a|b", None, ["c", "d", "e", "f"]]}, 3)["item_ids"]
+    assert items.shape == (3, 3)
+    assert (items[0, 2] == 0) and (items[1] == 0).all() and (items[2] > 0).all()
+    assert set(items[items > 0].tolist()) <= set(range(17, 22))
+
+
+def test_schema_round_trip() -> None:
+    s = _schema()
+    assert FittedSchema.from_dict(s.to_dict()) == s
+    assert s.input_names() == ["request_ids", "request_dense", "item_ids"]

@@ -1,0 +1,175 @@
+"""Export: ONNX round trip per architecture, verify, calibration, int8 guard, atomic pointer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtrank.bundle import (BundleError, load_golden, onnx_runner, read_current, read_manifest, verify_bundle,
+                           write_current)
+from mtrank.metrics import ece
+from tests.conftest import demo_config
+
+ARCHS = ["single", "shared_bottom", "mmoe", "cgc", "ple"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_bundle(request, tmp_path_factory, demo_data: Path) -> tuple[Path, Path]:
+    from model.export import export_run
+    from model.train import train
+
+    arch = request.param
+    run = tmp_path_factory.mktemp(f"run_{arch}")
+    train(demo_config(demo_data, [f"model.arch={arch}", "model.levels=2", "train.epochs=1"]), run)
+    bundles = tmp_path_factory.mktemp(f"bundles_{arch}")
+    return run, export_run(run, bundles, version=f"{arch}-1")
+
+
+def test_round_trip_matches_torch(arch_bundle: tuple[Path, Path]) -> None:
+    """ONNX Runtime reproduces PyTorch's scores and gate weights on the whole validation split."""
+    from model.data import Split
+    from model.train import load_run, predict, to_tensors
+
+    run, bundle = arch_bundle
+    manifest = verify_bundle(bundle)
+    _, _, model = load_run(run)
+    val = Split.load(run / "val.npz")
+    scores, gates = predict(model, to_tensors(val))
+    got = onnx_runner(bundle / "model.onnx")({k: v for k, v in val.inputs.items()})
+    for t in manifest.tasks:
+        np.testing.assert_allclose(got[t.output], scores[t.name], atol=1e-5, rtol=0)
+    assert len(manifest.gates) == len(gates)
+    for g in manifest.gates:
+        w = got[g.output]
+        assert w.shape == (len(val), len(g.experts))
+        np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(w, gates[g.output], atol=1e-5, rtol=0)
+    # ESMM chain survives export: pCTCVR = pCTR * pCVR
+    np.testing.assert_allclose(got["p_ctcvr"], got["p_ctr"] * got["p_cvr"], atol=1e-6)
+
+
+def test_manifest_contract(arch_bundle: tuple[Path, Path]) -> None:
+    _, bundle = arch_bundle
+    m = read_manifest(bundle)
+    assert m.opset >= 17
+    assert [t.name for t in m.tasks] == ["ctr", "like", "ctcvr", "watch_time", "cvr"]
+    assert m.task("cvr").derived and not m.task("ctr").derived
+    assert set(m.calibration) == {"ctr", "like", "ctcvr"}
+    assert set(m.reference.score_hist) == {"ctr", "like", "ctcvr", "watch_time", "cvr"}
+    assert set(m.reference.gate_mean) == {g.output for g in m.gates}
+    for g in m.gates:
+        assert sum(m.reference.gate_mean[g.output]) == pytest.approx(1.0, abs=1e-4)
+    assert set(m.files) == {"model.onnx", "golden.json"}
+    assert not list(bundle.parent.glob(".*tmp*")), "temporary export directory left behind"
+
+
+def test_request_batch_of_one_in_onnx(arch_bundle: tuple[Path, Path]) -> None:
+    """The serving layout: one request row broadcast over many candidates."""
+    _, bundle = arch_bundle
+    inputs, _ = load_golden(bundle)
+    run = onnx_runner(bundle / "model.onnx")
+    n = len(inputs["item_ids"])
+    one = {k: (v[:1] if k.startswith("request") else v) for k, v in inputs.items()}
+    rep = {k: (np.repeat(v[:1], n, axis=0) if k.startswith("request") else v) for k, v in inputs.items()}
+    a, b = run(one), run(rep)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6)
+
+
+def _copy_bundle(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_verify_rejects_corrupted_model(arch_bundle, tmp_path: Path) -> None:
+    bundle = _copy_bundle(arch_bundle[1], tmp_path / "b")
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.onnx: sha256 mismatch"):
+        verify_bundle(bundle)
+
+
+def test_verify_rejects_bad_manifest(arch_bundle, tmp_path: Path) -> None:
+    bundle = _copy_bundle(arch_bundle[1], tmp_path / "b")
+    (bundle / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match=r"manifest\.json: not valid JSON"):
+        verify_bundle(bundle)
+    raw = json.loads((arch_bundle[1] / "manifest.json").read_text())
+    del raw["tasks"]
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"invalid manifest.*tasks"):
+        verify_bundle(bundle)
+
+
+def test_verify_rejects_wrong_golden(arch_bundle, tmp_path: Path) -> None:
+    """A consistent checksum but a model that does not reproduce its golden outputs is rejected."""
+    from mtrank.bundle import sha256_file
+
+    bundle = _copy_bundle(arch_bundle[1], tmp_path / "b")
+    golden = json.loads((bundle / "golden.json").read_text())
+    golden["outputs"]["p_ctr"][0] = golden["outputs"]["p_ctr"][0] + 0.5
+    (bundle / "golden.json").write_text(json.dumps(golden))
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw["files"]["golden.json"] = sha256_file(bundle / "golden.json")
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"golden: output 'p_ctr'"):
+        verify_bundle(bundle)
+
+
+def test_cli_verify_exit_codes(arch_bundle, tmp_path: Path, capsys) -> None:
+    from mtrank.cli import main
+
+    assert main(["bundle", "verify", str(arch_bundle[1])]) == 0
+    bundle = _copy_bundle(arch_bundle[1], tmp_path / "b")
+    (bundle / "golden.json").unlink()
+    assert main(["bundle", "verify", str(bundle)]) != 0
+    assert "golden.json: missing" in capsys.readouterr().err
+
+
+def test_current_pointer(tiny_run: Path, tmp_path: Path, make_bundle) -> None:
+    a = make_bundle(tmp_path, "a")
+    assert read_current(tmp_path) == "a"
+    make_bundle(tmp_path, "b", activate=False)
+    assert read_current(tmp_path) == "a"
+    write_current(tmp_path, "b")
+    assert read_current(tmp_path) == "b"
+    with pytest.raises(BundleError):
+        write_current(tmp_path, "missing")
+    with pytest.raises(BundleError, match="already exists"):
+        make_bundle(tmp_path, "a")
+    assert a.is_dir()
+
+
+def test_calibration_lowers_ece_on_miscalibrated_scores() -> None:
+    from model.calibrate import fit_calibration
+
+    rng = np.random.default_rng(0)
+    true_p = rng.beta(1, 6, size=20_000)
+    y = (rng.random(20_000) < true_p).astype(np.float64)
+    overconfident = np.clip(true_p ** 0.5, 1e-4, 1 - 1e-4)  # systematically too high
+    cal = fit_calibration(overconfident, y)
+    assert cal.method in ("isotonic", "platt")
+    assert cal.ece_before > 0.1
+    fixed = cal.apply(overconfident)
+    assert ece(y, fixed) < cal.ece_before / 4
+    assert cal.ece_after == pytest.approx(ece(y, fixed))
+    assert np.all(np.diff(cal.y) >= -1e-12), "calibration map must be monotone"
+
+
+def test_int8_guard(tiny_run: Path, tmp_path: Path) -> None:
+    from model.export import ExportError, export_run
+
+    with pytest.raises(ExportError, match="int8 lowers validation AUC"):
+        export_run(tiny_run, tmp_path, version="q-refused", quantize="int8", max_auc_drop=-1.0)
+    assert not (tmp_path / "q-refused").exists()
+    bundle = export_run(tiny_run, tmp_path, version="q", quantize="int8", max_auc_drop=0.05)
+    m = verify_bundle(bundle)
+    assert m.quantization.mode == "int8"
+    assert set(m.quantization.auc_delta) == {"ctr", "like", "ctcvr"}
+    assert m.quantization.max_abs_diff is not None and m.quantization.max_abs_diff > 0
