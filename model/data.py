@@ -150,16 +150,14 @@ def fit_schema(cfg: Config, train: pd.DataFrame) -> FittedSchema:
 def derive_label(task: TaskConfig, col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Column -> (label float32 [N], present bool [N]). Missing cells are masked, never imputed."""
     rule = task.label
-    text = col.fillna("")
-    present = (text != "").to_numpy()
+    text = pd.Series(_text(col))  # canonical strings: a Parquet 1.0 reads "1", like a CSV 1
+    present = np.array(text != "", dtype=bool)
     if rule.op == "value":
         y = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
         present &= np.isfinite(y)
     elif rule.op in ("eq", "ne", "in"):
-        values = [str(v) for v in (rule.value if rule.op == "in" else [rule.value])]
-        hit = text.isin(values).to_numpy()
-        if rule.op == "eq" and isinstance(rule.value, (int, float)) and not isinstance(rule.value, bool):
-            hit |= np.isclose(pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64), float(rule.value))
+        values = rule.value if rule.op == "in" else [rule.value]
+        hit = text.isin(canonical_strings(values)[0].tolist()).to_numpy()
         y = (~hit if rule.op == "ne" else hit).astype(np.float64)
     else:
         num = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)

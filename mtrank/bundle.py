@@ -157,9 +157,13 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
         raise BundleError(f"{path}: format_version {raw.get('format_version')} is not supported (want {FORMAT_VERSION})")
     try:
         manifest = BundleManifest.model_validate(raw)
-        manifest.schema  # validates the feature schema too
-    except (ValidationError, TypeError, KeyError, ValueError) as err:
-        raise BundleError(f"{path}: invalid manifest: {err}") from None
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors())
+        raise BundleError(f"{path}: invalid manifest: {problems}") from None
+    try:
+        manifest.schema  # the feature schema must rebuild too
+    except (TypeError, KeyError, ValueError) as err:
+        raise BundleError(f"{path}: invalid manifest: schema: {err}") from None
     return manifest
 
 
