@@ -16,7 +16,7 @@ import pytest
 
 from mtrank.config import Config, apply_overrides, parse_config
 
-TINY_OVERRIDES = ["train.epochs=2", "train.batch_size=512", "train.progress=false", "model.expert_hidden=[16]",
+TINY_OVERRIDES = ["train.epochs=2", "train.threads=1", "train.batch_size=512", "train.progress=false", "model.expert_hidden=[16]",
                   "model.tower_hidden=[8]", "model.embedding_dim=4", "model.n_experts=3"]
 
 
