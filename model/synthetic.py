@@ -2,8 +2,8 @@
 
 Each row is one impression of an item to a user in a context. Users and items are drawn first
 (heavy users and popular items appear more often), then every label follows from learnable
-structure: user x item latent factors, country x category and age x category affinities, item tags,
-price, popularity, user activity, hour of day and device. Each task mixes one score shared by all
+structure: user x item latent factors, category main effects, country x category and age x category
+affinities, item tags, price, popularity, user activity, hour of day and device. Each task mixes one score shared by all
 tasks with a score of its own::
 
     score_task = rho * shared + sqrt(1 - rho^2) * own_task      (rho = task_correlation)
@@ -159,8 +159,8 @@ def generate(n_rows: int, n_users: int = 2000, n_items: int = 500, seed: int = 0
                           + 0.6 * effect[0, cat] + 0.6 * affinity[0, country, cat] + 0.4 * affinity[1, age, cat]
                           + 0.5 * latent[:, 0])
     rho = task_correlation
-    like_score = _mix(shared, 0.8 * effect[1, cat] + 0.6 * affinity[2, age, cat] + 0.8 * items.tag_effect[i] + 0.7 * latent[:, 1]
-                      - 0.3 * DEVICE_EFFECT[device], rho)
+    like_score = _mix(shared, 0.8 * effect[1, cat] + 0.6 * affinity[2, age, cat] + 0.8 * items.tag_effect[i]
+                      + 0.7 * latent[:, 1] - 0.3 * DEVICE_EFFECT[device], rho)
     cvr_score = _mix(shared, -1.2 * log_price + 0.6 * affinity[3, country, cat] + 0.4 * activity, rho)
     watch_score = _mix(shared, 0.8 * affinity[2, age, cat] + 0.6 * evening + 0.4 * latent[:, 1], rho)
 

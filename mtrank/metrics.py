@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["auc", "gauc", "logloss", "mse", "mae", "reliability", "ece", "binary_metrics", "regression_metrics"]
+__all__ = ["auc", "binary_metrics", "ece", "gauc", "logloss", "mae", "mse", "regression_metrics", "reliability"]
 
 NAN = float("nan")
 

@@ -1,0 +1,91 @@
+"""Entry points: ``serve()`` (called by ``mtrank serve``), the uvicorn worker factory, ``python -m service.main``.
+
+With ``workers > 1`` uvicorn spawns worker processes that build the app from the environment
+(``app_from_env``): ``serve`` exports the explicit arguments as ``MTRANK_*`` variables and the
+config path as ``MTRANK_CONFIG``, and turns on Prometheus multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``; a fresh temporary directory unless one is set, whose stale files are
+cleared) so ``/metrics`` on any worker reports all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from service.settings import Settings, load_settings
+
+
+def _configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mtrank").setLevel(level.upper())
+
+
+def create_app(settings: Settings) -> FastAPI:
+    from service.app import create_app as _create
+
+    return _create(settings)
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for worker processes: settings from ``MTRANK_*`` and ``MTRANK_CONFIG``."""
+    settings = load_settings()
+    _configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def _multiprocess_dir() -> None:
+    d = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not d:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mtrank-prometheus-")
+        return
+    Path(d).mkdir(parents=True, exist_ok=True)
+    for f in Path(d).glob("*.db"):
+        f.unlink(missing_ok=True)
+
+
+def serve(bundles_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, config_path: str | Path | None = None) -> None:
+    """Serve ``bundles_dir`` over HTTP until interrupted. Arguments win over the config file and env."""
+    import uvicorn
+
+    settings = load_settings(config_path, bundles_dir=Path(bundles_dir).resolve(), host=host, port=port)
+    _configure_logging(settings.log_level)
+    common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level, "access_log": False,
+              "lifespan": "on", "timeout_graceful_shutdown": 10}
+    if settings.workers > 1:
+        os.environ["MTRANK_BUNDLES_DIR"] = str(settings.bundles_dir)
+        os.environ["MTRANK_HOST"], os.environ["MTRANK_PORT"] = settings.host, str(settings.port)
+        if config_path:
+            os.environ["MTRANK_CONFIG"] = str(Path(config_path).resolve())
+        _multiprocess_dir()
+        uvicorn.run("service.main:app_from_env", factory=True, workers=settings.workers, **common)
+    else:
+        uvicorn.run(create_app(settings), **common)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from mtrank.config import ConfigError
+
+    p = argparse.ArgumentParser(prog="python -m service.main", description="serve mtrank bundles over HTTP")
+    p.add_argument("--bundles", required=True)
+    p.add_argument("--host", default=os.environ.get("MTRANK_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("MTRANK_PORT", "8000")))
+    p.add_argument("--config")
+    args = p.parse_args(argv)
+    try:
+        serve(args.bundles, args.host, args.port, args.config)
+    except ConfigError as err:
+        print(f"error: {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

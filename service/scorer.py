@@ -1,0 +1,338 @@
+"""One loaded bundle ready to score: ONNX session, feature encoder, calibration, compiled fusion.
+
+A request is scored in one pass, vectorised over the candidates:
+
+1. columns: per schema feature, one list of raw values over the whole candidate list (request
+   value, else feature-store value, else None = the schema default) — one comprehension per feature;
+2. ``FeatureEncoder.encode("request", cols, 1)`` -> ``request_ids`` int64 [1, S_r], ``request_dense``
+   float32 [1, D_r] (the graph broadcasts a request batch of 1 over the candidates) and
+   ``encode("item", cols, n)`` -> ``item_ids`` int64 [n, S_i], ``item_dense`` float32 [n, D_i];
+3. ONE ``InferenceSession.run`` fetching every task output ``p_<task>`` float32 [n] (plus gate
+   outputs [n, m] when ``onnx.fetch_gates``: the observability hook);
+4. calibration (``Calibration.apply``) per task, fusion over calibrated scores -> float64 [n],
+   ``argsort`` -> top k.
+
+:class:`InputError` (a 422 naming the field) is raised for request values the schema cannot take.
+Instances are immutable after construction and shared by concurrent requests (onnxruntime's
+``run`` is thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Lock
+from typing import Any
+
+import numpy as np
+
+from mtrank.bundle import BundleManifest, Calibration, check_golden
+from mtrank.encoding import FeatureEncoder, FittedFeature
+from service import fusion as fusion_mod
+from service.feature_store import EMPTY, Row, StoreResult
+from service.settings import DEFAULT_PROFILE, FusionSettings, OnnxSettings
+
+log = logging.getLogger("mtrank.service.scorer")
+
+Loc = tuple[str | int, ...]
+
+
+class InputError(ValueError):
+    """A request value the loaded schema cannot take; becomes a 422 naming ``loc``."""
+
+    def __init__(self, loc: Loc, msg: str, kind: str = "value_error") -> None:
+        super().__init__(f"{'.'.join(map(str, loc))}: {msg}")
+        self.loc = loc
+        self.msg = msg
+        self.kind = kind
+
+
+@dataclass
+class RankInput:
+    """What the scorer needs from a request (validated by ``service.schemas.RankRequest``)."""
+
+    user_id: str | None
+    context: Mapping[str, Any]
+    item_ids: list[str]  # [n], unique
+    item_features: list[Mapping[str, Any]]  # [n]
+
+
+@dataclass
+class Scored:
+    raw: dict[str, np.ndarray]  # task -> float32 [n], straight from the graph
+    calibrated: dict[str, np.ndarray]  # task -> float32 [n]
+    gates: dict[str, np.ndarray]  # gate output -> float32 [n, m] (empty when not fetched)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _is_number(v: Any) -> bool:
+    if v is None or isinstance(v, (int, float)):
+        return True
+    if isinstance(v, str):
+        try:
+            float(v)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+def _is_scalar(v: Any) -> bool:
+    return not isinstance(v, (list, tuple, dict))
+
+
+def make_session(path: Path, s: OnnxSettings) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = s.intra_op_threads
+    opts.inter_op_num_threads = s.inter_op_threads
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    spin = "1" if s.allow_spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class Model:
+    """A verified bundle, compiled for serving. Build with :meth:`load` (slow: run it off the request path)."""
+
+    def __init__(self, bundle_dir: Path, manifest: BundleManifest, onnx: OnnxSettings, fusion: FusionSettings,
+                 session: Any = None) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest
+        self.version = manifest.model_version
+        self.schema = manifest.schema
+        self.encoder = FeatureEncoder(self.schema)
+        self.onnx_settings = onnx
+        self.session = session if session is not None else make_session(self.bundle_dir / "model.onnx", onnx)
+
+        self.task_names: list[str] = manifest.scored_names
+        self.task_set = frozenset(self.task_names)
+        self.task_types = {t.name: t.type for t in manifest.tasks}
+        task_outputs = [manifest.task(t).output for t in self.task_names]
+        self.gate_outputs = [g.output for g in manifest.gates] if onnx.fetch_gates else []
+        self.fetch = task_outputs + self.gate_outputs
+        self.calibration: dict[str, Calibration] = {t: c for t, c in manifest.calibration.items()
+                                                     if t in self.task_set and c.method != "identity"}
+
+        feats = self.schema.features
+        self.request_features: list[FittedFeature] = [f for f in feats if f.group == "request"]
+        self.item_features: list[FittedFeature] = [f for f in feats if f.group == "item"]
+        self.request_names = frozenset(f.name for f in self.request_features)
+        self.item_names = frozenset(f.name for f in self.item_features)
+        self.has_user_features = any(f.side == "user" for f in feats)
+        self.has_item_features = bool(self.item_features)
+        self.item_input = any(n.startswith("item") for n in manifest.inputs)
+
+        # Fusion: profiles compiled against this bundle's tasks (a bad name fails the load).
+        self.fusion_settings = fusion
+        tasks = [(t.name, t.type, t.derived) for t in manifest.tasks]
+        self.profiles: dict[str, fusion_mod.Fusion] = {
+            DEFAULT_PROFILE: fusion_mod.weighted_sum(DEFAULT_PROFILE, fusion_mod.default_weights(tasks), set(self.task_set))}
+        for name, profile in fusion.profiles.items():
+            self.profiles[name] = fusion_mod.build_profile(name, profile, set(self.task_set))
+        self._expr_cache: OrderedDict[str, fusion_mod.Fusion] = OrderedDict()
+        self._expr_lock = Lock()
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, bundle_dir: Path, manifest: BundleManifest, onnx: OnnxSettings, fusion: FusionSettings) -> Model:
+        """Build, check the golden outputs with the serving session, and warm up."""
+        model = cls(bundle_dir, manifest, onnx, fusion)
+        names = [o.name for o in model.session.get_outputs()]
+        check_golden(bundle_dir, lambda inputs: dict(zip(names, model.session.run(names, inputs))))
+        model.warmup()
+        return model
+
+    def warmup(self) -> None:
+        """Run every configured batch size a few times, and every fusion profile once."""
+        for n in self.onnx_settings.warmup_candidates:
+            inp = RankInput(None, {}, [f"warmup{i}" for i in range(n)], [{}] * n)
+            for _ in range(self.onnx_settings.warmup_rounds):
+                scored = self.score(inp, StoreResult())
+            for f in self.profiles.values():
+                f({t: v.astype(np.float64) for t, v in scored.calibrated.items()}, n)
+
+    # ------------------------------------------------------------------------------ fusion
+    def fusion_for(self, name: str, allow_expressions: bool, max_chars: int) -> fusion_mod.Fusion:
+        """A profile by name, or (when allowed) a request expression compiled and cached (LRU)."""
+        prof = self.profiles.get(name)
+        if prof is not None:
+            return prof
+        if not allow_expressions:
+            raise InputError(("body", "fusion"), f"unknown fusion profile {name!r} (profiles: {sorted(self.profiles)})")
+        with self._expr_lock:
+            hit = self._expr_cache.get(name)
+            if hit is not None:
+                self._expr_cache.move_to_end(name)
+                return hit
+        if len(name) > max_chars:
+            raise InputError(("body", "fusion"), f"expression longer than {max_chars} characters")
+        try:
+            compiled = fusion_mod.expression(name, name, set(self.task_set))
+        except fusion_mod.ExpressionError as err:
+            msg = str(err).removeprefix(f"profile {name!r}: ")
+            raise InputError(("body", "fusion"), f"not a profile ({sorted(self.profiles)}) nor a valid expression: {msg}") from None
+        size = self.fusion_settings.expression_cache_size
+        if size:
+            with self._expr_lock:
+                self._expr_cache[name] = compiled
+                while len(self._expr_cache) > size:
+                    self._expr_cache.popitem(last=False)
+        return compiled
+
+    # ----------------------------------------------------------------------------- columns
+    def check_unknown(self, inp: RankInput, reject: bool) -> None:
+        if not reject:
+            return
+        extra = set(inp.context) - self.request_names
+        if extra:
+            raise InputError(("body", "context", min(extra)), "unknown feature (not in the model's request-side schema)")
+        names = set().union(*inp.item_features) if inp.item_features else set()
+        extra = names - self.item_names
+        if extra:
+            bad = min(extra)
+            i = next(i for i, f in enumerate(inp.item_features) if bad in f)
+            raise InputError(("body", "candidates", i, "features", bad), "unknown feature (not in the model's item-side schema)")
+
+    def check_request(self, inp: RankInput, reject_unknown: bool) -> None:
+        """The request-side checks alone (for a request without candidates)."""
+        self.check_unknown(inp, reject_unknown)
+        self.request_columns(inp, EMPTY)
+
+    def request_columns(self, inp: RankInput, user_row: Row) -> dict[str, Any]:
+        """feature name -> [1] raw value: context, else the user's store row (user side), else missing."""
+        ctx = inp.context
+        cols: dict[str, Any] = {}
+        for f in self.request_features:
+            v = ctx.get(f.name)
+            req_loc: Loc = ("body", "context", f.name)
+            if f.name == "user_id" and f.side == "user" and inp.user_id is not None:
+                v, req_loc = inp.user_id, ("body", "user_id")
+            from_request = v is not None
+            if v is None and f.side == "user":
+                v = user_row.get(f.name)
+            ok = _is_number(v) if f.kind == "numeric" else (f.kind == "multi_categorical" or _is_scalar(v))
+            if not ok:
+                if from_request:
+                    what = "a number" if f.kind == "numeric" else "a single value (not a list)"
+                    raise InputError(req_loc, f"{f.kind} feature {f.name!r} needs {what}, got {v!r}"[:300])
+                v = None  # a bad store value counts as missing
+            cols[f.name] = np.array([v], dtype=np.float64) if f.kind == "numeric" else [v]
+        return cols
+
+    def item_columns(self, inp: RankInput, rows: Sequence[Row]) -> dict[str, Any]:
+        """feature name -> [n] raw values: candidate features, else store rows, else missing."""
+        feats = inp.item_features  # [n] dicts
+        cols: dict[str, Any] = {}
+        for f in self.item_features:
+            name = f.name
+            if name == "item_id":
+                col: list[Any] = inp.item_ids  # the request's item ids feed an item_id feature
+            elif rows:
+                col = [v if (v := cf.get(name)) is not None else r.get(name) for cf, r in zip(feats, rows)]
+            else:
+                col = [cf.get(name) for cf in feats]
+            if f.kind == "numeric":
+                cols[name] = self._numeric_column(f, col, feats)
+            elif f.kind == "categorical":
+                if all(type(v) is str for v in col):
+                    col = np.array(col)  # unicode [n]: the encoder's fast path (no per-value canonicalisation)
+                elif any(type(v) is list for v in col):
+                    col = self._repair(f, col, feats, _is_scalar, "a single value (not a list)")
+                cols[name] = col
+            else:
+                cols[name] = col
+        return cols
+
+    def _numeric_column(self, f: FittedFeature, col: list[Any], feats: list[Mapping[str, Any]]) -> np.ndarray:
+        try:
+            arr = np.array(col, dtype=np.float64)  # [n]; None -> NaN (= default); fast path
+            if arr.ndim == 1:
+                return arr
+        except (TypeError, ValueError, OverflowError):
+            pass
+        col = self._repair(f, col, feats, _is_number, "a number")
+        return np.array(col, dtype=np.float64)
+
+    def _repair(self, f: FittedFeature, col: list[Any], feats: list[Mapping[str, Any]], ok: Callable[[Any], bool],
+                what: str) -> list[Any]:
+        """Slow path: a request value of the wrong type -> InputError; a bad store value -> missing."""
+        bad = [i for i, v in enumerate(col) if not ok(v)]
+        for i in bad:
+            if feats[i].get(f.name) is not None:
+                raise InputError(("body", "candidates", i, "features", f.name),
+                                 f"{f.kind} feature {f.name!r} needs {what}, got {col[i]!r}"[:300])
+        col = list(col)
+        for i in bad:
+            col[i] = None
+        return col
+
+    # ----------------------------------------------------------------------------- scoring
+    def encode(self, inp: RankInput, store: StoreResult, reject_unknown: bool = False) -> dict[str, np.ndarray]:
+        self.check_unknown(inp, reject_unknown)
+        n = len(inp.item_ids)
+        inputs = self.encoder.encode("request", self.request_columns(inp, store.user), 1)  # [1, S_r], [1, D_r]
+        if self.item_input:
+            inputs.update(self.encoder.encode("item", self.item_columns(inp, store.items), n))  # [n, S_i], [n, D_i]
+        else:  # no item features: the graph takes row-aligned request inputs
+            inputs = {k: np.repeat(v, n, axis=0) for k, v in inputs.items()}
+        return inputs
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        outs = self.session.run(self.fetch, dict(inputs))  # ONE run: tasks [n] + gates [n, m]
+        k = len(self.task_names)
+        raw = dict(zip(self.task_names, outs[:k]))
+        gates = dict(zip(self.gate_outputs, outs[k:]))
+        return raw, gates
+
+    def calibrate(self, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {t: (self.calibration[t].apply(p) if t in self.calibration else p) for t, p in raw.items()}
+
+    def score(self, inp: RankInput, store: StoreResult, reject_unknown: bool = False) -> Scored:
+        t0 = time.perf_counter()
+        inputs = self.encode(inp, store, reject_unknown)
+        t1 = time.perf_counter()
+        raw, gates = self.infer(inputs)
+        t2 = time.perf_counter()
+        return Scored(raw, self.calibrate(raw), gates, {"features": t1 - t0, "inference": t2 - t1})
+
+
+@dataclass
+class Ranked:
+    order: np.ndarray  # int64 [k], indices into the candidates, best first
+    fused: np.ndarray  # float64 [n]
+    scored: Scored
+
+
+def rank(model: Model, inp: RankInput, store: StoreResult, fusion: fusion_mod.Fusion, top_k: int | None,
+         reject_unknown: bool = False) -> Ranked:
+    """Score, fuse calibrated scores, order (stable: ties keep the request order). Runs in a worker thread."""
+    n = len(inp.item_ids)
+    scored = model.score(inp, store, reject_unknown)
+    fused = fusion({t: v.astype(np.float64) for t, v in scored.calibrated.items()}, n)  # [n]
+    order = np.argsort(-fused, kind="stable")
+    if top_k is not None:
+        order = order[:top_k]
+    return Ranked(order, fused, scored)
+
+
+def response_items(item_ids: list[str], ranked: Ranked, task_names: list[str], raw_scores: bool,
+                   with_task_scores: bool) -> list[dict[str, Any]]:
+    """The response rows for the top k (building JSON objects is the only per-item Python)."""
+    order = ranked.order
+    ids = [item_ids[i] for i in order.tolist()]
+    scores = ranked.fused[order].tolist()
+    if not with_task_scores:
+        return [{"item_id": i, "rank": r, "score": s, "task_scores": None} for r, (i, s) in enumerate(zip(ids, scores), 1)]
+    source = ranked.scored.raw if raw_scores else ranked.scored.calibrated
+    columns = [source[t][order].astype(np.float64).tolist() for t in task_names]  # [T][k]
+    return [{"item_id": i, "rank": r, "score": s, "task_scores": dict(zip(task_names, ts))}
+            for r, (i, s, ts) in enumerate(zip(ids, scores, zip(*columns)), 1)]

@@ -1,0 +1,261 @@
+"""Service settings: defaults < YAML config file < ``MTRANK_*`` environment < explicit arguments.
+
+Every key can come from the environment, nested with ``__``: ``MTRANK_FEATURE_STORE__BACKEND=redis``,
+``MTRANK_FEATURE_STORE__REDIS__SOCKET_TIMEOUT_MS=20``, ``MTRANK_ADMIN__TOKEN=...``. Mappings and
+lists take JSON (``MTRANK_EXPERIMENTS='[{"name": "a", "profile": "ctr_only", "traffic": 0.5}]'``).
+``MTRANK_CONFIG`` names the YAML file when no path is passed (that is how uvicorn workers find it).
+
+Problems raise :class:`mtrank.config.ConfigError` with one line per bad key, named by its dotted
+path (``feature_store.redis.socket_timeout_ms: Input should be greater than 0``). Fusion expressions
+are parsed here, so a syntax error fails at start; their task names are checked against each bundle
+when it is loaded (see ``service.registry``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from mtrank.config import ConfigError
+
+DEFAULT_PROFILE = "default"
+
+
+class _S(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------- sections
+
+
+class LimitsSettings(_S):
+    max_candidates: int = Field(1000, gt=0)
+    max_body_bytes: int = Field(1 << 20, gt=0)  # Content-Length and bytes actually read -> 413
+    max_feedback_events: int = Field(1000, gt=0)  # events per POST /feedback
+    max_expression_chars: int = Field(512, gt=0)  # request fusion expressions
+    unknown_features: Literal["ignore", "reject"] = "ignore"  # feature names the schema does not know
+
+
+class OnnxSettings(_S):
+    intra_op_threads: int = Field(1, ge=0)  # 0 = onnxruntime's default (all cores)
+    inter_op_threads: int = Field(1, ge=0)
+    executor_threads: int = Field(2, gt=0)  # threads running encode + inference off the event loop
+    allow_spinning: bool = False  # busy-wait in the thread pool: lower latency, burns CPU
+    fetch_gates: bool = True  # also fetch gate outputs (observability hook)
+    warmup_rounds: int = Field(3, ge=1)
+    warmup_candidates: list[int] = [1, 16, 128]
+
+
+class ReloadSettings(_S):
+    poll_interval_ms: int = Field(1000, ge=0)  # CURRENT pointer polling; 0 disables
+    pubsub_channel: str | None = "mtrank:reload"  # fleet reloads; needs a Redis URL (below)
+    redis_url: str | None = None  # default: feature_store.redis.url when the backend is redis
+
+
+class AdminSettings(_S):
+    token: SecretStr | None = None  # bearer token for /admin/*; unset = admin API disabled (403)
+
+
+class RedisSettings(_S):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "mtrank"  # keys: <prefix>:user:<id>, <prefix>:item:<id> (JSON objects)
+    socket_timeout_ms: float = Field(20.0, gt=0)
+    connect_timeout_ms: float = Field(20.0, gt=0)
+    budget_ms: float | None = Field(None, gt=0)  # whole lookup; default 2 x socket timeout
+    retry_after_ms: float = Field(500.0, ge=0)  # after a failure, skip Redis this long (circuit breaker)
+    cache_ttl_s: float = Field(5.0, ge=0)  # local TTL cache of user/item rows; 0 disables
+    cache_max_entries: int = Field(100_000, ge=0)
+    max_connections: int = Field(64, gt=0)
+
+    @property
+    def budget_s(self) -> float:
+        return (self.budget_ms if self.budget_ms is not None else 2 * self.socket_timeout_ms) / 1000.0
+
+
+class FeatureStoreSettings(_S):
+    backend: Literal["embedded", "redis", "none"] = "embedded"
+    snapshot: str | None = None  # embedded: one Parquet/CSV file keyed by both key columns
+    user_snapshot: str | None = None  # embedded: rows keyed by user_key_column
+    item_snapshot: str | None = None  # embedded: rows keyed by item_key_column
+    user_key_column: str = "user_id"
+    item_key_column: str = "item_id"
+    redis: RedisSettings = RedisSettings()
+    log_interval_s: float = Field(10.0, ge=0)  # rate limit of degradation warnings
+
+
+# --------------------------------------------------------------------------------------- fusion
+
+
+class WeightedSumProfile(_S):
+    type: Literal["weighted_sum"] = "weighted_sum"
+    weights: dict[str, float] = Field(min_length=1)
+
+
+class WeightedProductProfile(_S):
+    type: Literal["weighted_product"] = "weighted_product"
+    weights: dict[str, float] = Field(min_length=1)
+    eps: float = Field(1e-6, gt=0)  # scores are clipped to [eps, inf) before the power
+
+
+class ExpressionProfile(_S):
+    type: Literal["expression"] = "expression"
+    expression: str = Field(min_length=1)
+
+    @field_validator("expression")
+    @classmethod
+    def _parses(cls, v: str) -> str:
+        from service.fusion import ExpressionError, parse_expression
+
+        try:
+            parse_expression(v)
+        except ExpressionError as err:
+            raise ValueError(str(err)) from None
+        return v
+
+
+FusionProfile = Annotated[WeightedSumProfile | WeightedProductProfile | ExpressionProfile, Field(discriminator="type")]
+
+
+class FusionSettings(_S):
+    # Named profiles. Unless one is named "default", "default" is weighted_sum with weight 1 on
+    # every non-derived binary task of the loaded bundle.
+    profiles: dict[str, FusionProfile] = {}
+    default: str = DEFAULT_PROFILE  # profile used when a request names none (and no arm applies)
+    allow_request_expressions: bool = False  # request "fusion" may be an expression string
+    expression_cache_size: int = Field(256, ge=0)
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> FusionSettings:
+        if self.default != DEFAULT_PROFILE and self.default not in self.profiles:
+            raise ValueError(f"default: profile {self.default!r} is not defined in fusion.profiles")
+        return self
+
+    def has(self, name: str) -> bool:
+        return name == DEFAULT_PROFILE or name in self.profiles
+
+
+class ExperimentArm(_S):
+    name: str = Field(min_length=1, max_length=64)
+    profile: str
+    traffic: float = Field(gt=0.0, le=1.0)
+
+
+class FeedbackSettings(_S):
+    max_events: int = Field(100_000, gt=0)  # stored labelled events (oldest evicted)
+    prediction_requests: int = Field(50_000, gt=0)  # /rank responses kept for the feedback join
+    prediction_items: int = Field(1_000_000, gt=0)  # ... and at most this many candidates over all of them
+    prediction_ttl_s: float = Field(3600.0, gt=0)
+
+
+class GCSettings(_S):
+    freeze: bool = True  # gc.freeze() after start-up: long-lived objects leave the young generations
+    gen0_threshold: int = Field(50_000, ge=0)  # 0 keeps Python's default (700)
+
+
+# ------------------------------------------------------------------------------------- settings
+
+
+_FILE_DATA: ContextVar[dict[str, Any] | None] = ContextVar("mtrank_service_file_data", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MTRANK_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    bundles_dir: Path = Path("bundles")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, gt=0)  # uvicorn worker processes (Prometheus multiprocess mode when > 1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    limits: LimitsSettings = LimitsSettings()
+    onnx: OnnxSettings = OnnxSettings()
+    reload: ReloadSettings = ReloadSettings()
+    admin: AdminSettings = AdminSettings()
+    feature_store: FeatureStoreSettings = FeatureStoreSettings()
+    fusion: FusionSettings = FusionSettings()
+    experiments: list[ExperimentArm] = []
+    experiment_salt: str = "mtrank"
+    feedback: FeedbackSettings = FeedbackSettings()
+    gc: GCSettings = GCSettings()
+
+    @model_validator(mode="after")
+    def _experiments(self) -> Settings:
+        names = [a.name for a in self.experiments]
+        if len(set(names)) != len(names):
+            raise ValueError("experiments: arm names must be unique")
+        for i, arm in enumerate(self.experiments):
+            if not self.fusion.has(arm.profile):
+                raise ValueError(f"experiments.{i}.profile: profile {arm.profile!r} is not defined in fusion.profiles")
+        total = sum(a.traffic for a in self.experiments)
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"experiments: traffic adds up to {total:g} (> 1)")
+        return self
+
+    @property
+    def pubsub_url(self) -> str | None:
+        if not self.reload.pubsub_channel:
+            return None
+        if self.reload.redis_url:
+            return self.reload.redis_url
+        return self.feature_store.redis.url if self.feature_store.backend == "redis" else None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        file_source = InitSettingsSource(settings_cls, init_kwargs=_FILE_DATA.get() or {})
+        return init_settings, env_settings, file_source
+
+
+_PROFILE_TAGS = ("weighted_sum", "weighted_product", "expression")
+
+
+def _format(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        parts = e["loc"]  # drop the discriminator tag pydantic inserts after a profile name
+        loc = ".".join(str(p) for i, p in enumerate(parts)
+                       if not (i >= 2 and parts[i - 2] == "profiles" and p in _PROFILE_TAGS))
+        msg = e["msg"].removeprefix("Value error, ")
+        m = re.match(r"([\w.]+): (.*)", msg, re.DOTALL)  # model validators say "key.path: problem"
+        if e["type"] == "value_error" and m:
+            loc, msg = ".".join(p for p in (loc, m.group(1)) if p), m.group(2)
+        lines.append(f"{loc or '<root>'}: {msg}")
+    return f"invalid service config ({origin}):\n  " + "\n  ".join(lines)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: service config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return raw
+
+
+def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from (lowest first) defaults, the YAML file, ``MTRANK_*`` variables, ``overrides``.
+
+    ``config_path`` defaults to ``$MTRANK_CONFIG``. Raises ConfigError naming every bad key.
+    """
+    config_path = config_path or os.environ.get("MTRANK_CONFIG") or None
+    data = read_config_file(config_path) if config_path else {}
+    token = _FILE_DATA.set(data)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        raise ConfigError(_format(err, str(config_path) if config_path else "environment")) from None
+    finally:
+        _FILE_DATA.reset(token)

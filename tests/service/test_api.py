@@ -1,0 +1,390 @@
+"""The HTTP API over real HTTP: /rank contract, bad input (documented 4xx), feedback, ops endpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from mtrank.bundle import read_manifest
+from tests.service.conftest import ServerThread, rank_body, settings_for, wait_until
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One server for the module: small limits, request expressions allowed, an extra profile."""
+    from model.export import export_run
+
+    bundles = tmp_path_factory.mktemp("api_bundles")
+    export_run(tiny_run, bundles, version="api-v1")
+    srv = ServerThread(settings_for(
+        bundles, limits={"max_candidates": 50, "max_body_bytes": 64_000},
+        fusion={"allow_request_expressions": True,
+                "profiles": {"ctr_only": {"type": "weighted_sum", "weights": {"ctr": 1.0}},
+                             "prod": {"type": "weighted_product", "weights": {"ctr": 1.0, "cvr": 0.5}}}})).start()
+    yield srv, read_manifest(bundles / "api-v1")
+    srv.stop()
+
+
+@pytest.fixture
+def client(served):
+    with served[0].client() as c:
+        yield c
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")):
+            head, value = line.rsplit(" ", 1)
+            got = head[len(name):].strip("{}")
+            if all(part in got.split(",") for part in want.split(",") if part):
+                total += float(value)
+    return total
+
+
+# ------------------------------------------------------------------------------------ contract
+
+
+def test_rank_contract(served, client: httpx.Client) -> None:
+    _, manifest = served
+    r = client.post("/rank", json=rank_body(8, request_id="r-contract", top_k=5))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["request_id"] == "r-contract" and body["model_version"] == "api-v1"
+    assert body["fusion"] == "default" and body["arm"] == "default" and body["degraded"] is False
+    items = body["items"]
+    assert [it["rank"] for it in items] == [1, 2, 3, 4, 5]
+    scores = [it["score"] for it in items]
+    assert scores == sorted(scores, reverse=True)
+    names = [t.name for t in manifest.tasks]
+    assert "cvr" in names
+    for it in items:
+        assert list(it["task_scores"]) == names
+        # default profile: weight 1 on every non-derived binary task, over calibrated scores
+        want = sum(it["task_scores"][t.name] for t in manifest.tasks if t.type == "binary" and not t.derived)
+        assert it["score"] == pytest.approx(want, rel=1e-6)
+
+    raw = client.post("/rank", json=rank_body(8, top_k=5, raw_scores=True)).json()
+    assert raw["request_id"] != body["request_id"] and len(raw["request_id"]) == 32  # generated
+    by_id = {it["item_id"]: it["task_scores"] for it in raw["items"]}
+    for it in items:
+        for t, cal in manifest.calibration.items():
+            expect = float(cal.apply(np.array([by_id[it["item_id"]][t]], dtype=np.float32))[0])
+            assert it["task_scores"][t] == pytest.approx(expect, abs=1e-6)
+
+    lean = client.post("/rank", json=rank_body(3, return_task_scores=False)).json()
+    assert all(it["task_scores"] is None for it in lean["items"]) and len(lean["items"]) == 3
+
+
+def test_fusion_profiles_and_expressions(served, client: httpx.Client) -> None:
+    by = {}
+    for fusion in ("ctr_only", "prod", "2 * ctr + clip(cvr, 0.1, 0.2)"):
+        r = client.post("/rank", json=rank_body(6, fusion=fusion))
+        assert r.status_code == 200, r.text
+        assert r.json()["fusion"] == fusion and r.json()["arm"] is None
+        by[fusion] = r.json()["items"]
+    for it in by["ctr_only"]:
+        assert it["score"] == pytest.approx(it["task_scores"]["ctr"], rel=1e-6)
+    for it in by["prod"]:
+        ts = it["task_scores"]
+        assert it["score"] == pytest.approx(ts["ctr"] * ts["cvr"] ** 0.5, rel=1e-5)
+    for it in by["2 * ctr + clip(cvr, 0.1, 0.2)"]:
+        ts = it["task_scores"]
+        assert it["score"] == pytest.approx(2 * ts["ctr"] + min(max(ts["cvr"], 0.1), 0.2), rel=1e-5)
+
+
+def test_empty_candidates_is_200_with_no_items(client: httpx.Client) -> None:
+    r = client.post("/rank", json={"candidates": []})
+    assert r.status_code == 200 and r.json()["items"] == []
+
+
+def test_unknown_features_are_ignored(client: httpx.Client) -> None:
+    plain = client.post("/rank", json=rank_body(4, raw_scores=True)).json()["items"]
+    noisy = rank_body(4, raw_scores=True)
+    noisy["context"]["not_a_feature"] = "x"
+    for c in noisy["candidates"]:
+        c["features"]["bogus"] = 1
+        c["features"]["user_country"] = "zz"  # a user-side name among item features: ignored too
+    got = client.post("/rank", json=noisy).json()["items"]
+    assert got == plain
+
+
+def test_unknown_categorical_values_hash_like_any_value(served, client: httpx.Client) -> None:
+    body = rank_body(3)
+    body["candidates"][0]["features"][pick(served[1], ("item",), "categorical")] = "never-seen-category-\u2603"
+    body["context"][pick(served[1], ("user", "context"), "categorical")] = 12345
+    assert client.post("/rank", json=body).status_code == 200
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def _raw(client: httpx.Client, content: bytes | str, **kw: Any) -> httpx.Response:
+    return client.post("/rank", content=content, headers={"content-type": "application/json"}, **kw)
+
+
+def _cands(*features: dict[str, Any]) -> dict[str, Any]:
+    return {"candidates": [{"item_id": f"i{k}", "features": f} for k, f in enumerate(features)]}
+
+
+BAD = [  # (request body, expected status, loc the error must name)
+    ({"candidates": "nope"}, 422, ["body", "candidates"]),
+    ({}, 422, ["body", "candidates"]),
+    ({"candidates": [{"features": {}}]}, 422, ["body", "candidates", 0, "item_id"]),
+    ({"candidates": [{"item_id": 7}]}, 422, ["body", "candidates", 0, "item_id"]),
+    ({"candidates": [{"item_id": ""}]}, 422, ["body", "candidates", 0, "item_id"]),
+    ({"candidates": [{"item_id": "a", "extra": 1}]}, 422, ["body", "candidates", 0, "extra"]),
+    ({"candidates": [], "top_k": 0}, 422, ["body", "top_k"]),
+    ({"candidates": [], "top_k": "ten"}, 422, ["body", "top_k"]),
+    ({"candidates": [], "return_task_scores": "maybe"}, 422, ["body", "return_task_scores"]),
+    ({"candidates": [], "user_id": ["u"]}, 422, ["body", "user_id"]),
+    ({"candidates": [], "request_id": "r" * 300}, 422, ["body", "request_id"]),
+    ({"candidates": [], "context": "ios"}, 422, ["body", "context"]),
+    ({"candidates": [], "context": {"device": {"nested": 1}}}, 422, ["body", "context", "device"]),
+    ({"candidates": [], "bogus_field": 1}, 422, ["body", "bogus_field"]),
+    ({"candidates": [{"item_id": f"i{k}"} for k in range(51)]}, 422, ["body", "candidates"]),
+    ({"candidates": [{"item_id": "a"}, {"item_id": "b"}, {"item_id": "a"}]}, 422, ["body", "candidates", 2, "item_id"]),
+    (_cands({}, {"<num_item>": "cheap"}), 422, ["body", "candidates", 1, "features", "<num_item>"]),
+    (_cands({"<num_item>": [1, 2]}), 422, ["body", "candidates", 0, "features", "<num_item>"]),
+    (_cands({"<cat_item>": ["a", "b"]}), 422, ["body", "candidates", 0, "features", "<cat_item>"]),
+    (_cands({"<cat_item>": [["a"]]}), 422, ["body", "candidates", 0, "features", "<cat_item>"]),
+    (_cands({"<num_item>": 10**30}), 422, ["body", "candidates", 0, "features", "<num_item>"]),
+    (_cands({"<cat_item>": "x" * 2000}), 422, ["body", "candidates", 0, "features", "<cat_item>"]),
+    ({"candidates": [], "context": {"<num_req>": "late"}}, 422, ["body", "context", "<num_req>"]),
+    ({"candidates": [], "context": {"<cat_req>": [1, 2]}}, 422, ["body", "context", "<cat_req>"]),
+    ({"candidates": [{"item_id": "a"}], "fusion": "no_such_profile"}, 422, ["body", "fusion"]),
+    ({"candidates": [{"item_id": "a"}], "fusion": "__import__('os').system('true')"}, 422, ["body", "fusion"]),
+    ({"candidates": [{"item_id": "a"}], "fusion": "ctr.__class__"}, 422, ["body", "fusion"]),
+    ({"candidates": [{"item_id": "a"}], "fusion": "(lambda: ctr)()"}, 422, ["body", "fusion"]),
+    ({"candidates": [{"item_id": "a"}], "fusion": "ctr +"}, 422, ["body", "fusion"]),
+    ({"candidates": [{"item_id": "a"}], "fusion": "x" * 600}, 422, ["body", "fusion"]),
+    ({"candidates": [{"item_id": "a"}], "fusion": ""}, 422, ["body", "fusion"]),
+]
+
+
+def pick(manifest: Any, side: tuple[str, ...], kind: str) -> str:
+    """A feature of the bundle's schema with that side and kind (names differ between demo configs)."""
+    return next(f.name for f in manifest.schema.features
+                if f.side in side and f.kind == kind and f.name not in ("user_id", "item_id"))
+
+
+def fill(obj: Any, manifest: Any) -> Any:
+    """Replace <num_item>/<cat_item>/<num_req>/<cat_req> placeholders by real feature names."""
+    names = {"<num_item>": pick(manifest, ("item",), "numeric"), "<cat_item>": pick(manifest, ("item",), "categorical"),
+             "<num_req>": pick(manifest, ("user", "context"), "numeric"),
+             "<cat_req>": pick(manifest, ("user", "context"), "categorical")}
+    return json.loads(json.dumps(obj).replace("<num_item>", names["<num_item>"]).replace(
+        "<cat_item>", names["<cat_item>"]).replace("<num_req>", names["<num_req>"]).replace("<cat_req>", names["<cat_req>"]))
+
+
+@pytest.mark.parametrize("body, status, loc", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_input_names_the_field(served, client: httpx.Client, body: dict[str, Any], status: int, loc: list[Any]) -> None:
+    body, loc = fill(body, served[1]), fill(loc, served[1])
+    r = client.post("/rank", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert any(d["loc"][: len(loc)] == loc for d in err["detail"]), err
+    assert ".".join(map(str, loc)) in err["message"]
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_tokens_rejected(client: httpx.Client, token: str) -> None:
+    r = _raw(client, '{"candidates": [{"item_id": "a", "features": {"price": TOKEN}}]}'.replace("TOKEN", token))
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "candidates", 0, "features", "price"]
+    r = _raw(client, '{"candidates": [], "context": {"hour": [1, TOKEN]}}'.replace("TOKEN", token))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:3] == ["body", "context", "hour"]
+
+
+def test_malformed_json_and_content_type(client: httpx.Client) -> None:
+    assert _raw(client, b'{"candidates": [').status_code == 422
+    assert _raw(client, b"\xff\xfe").status_code in (400, 422)
+    assert client.post("/rank", content=b'{"candidates": []}', headers={"content-type": "text/plain"}).status_code == 422
+    assert _raw(client, "[" * 100_00 + "]" * 100_00).status_code in (400, 422)  # deep nesting
+
+
+def test_oversized_body_is_413(client: httpx.Client) -> None:
+    big = json.dumps({"candidates": [{"item_id": f"item-{k:08d}", "features": {"category": "c" * 500}}
+                                     for k in range(200)]}).encode()
+    assert len(big) > 64_000
+    r = _raw(client, big)  # Content-Length over the limit
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the bytes actually read are counted
+        for i in range(0, len(big), 8192):
+            yield big[i : i + 8192]
+
+    r = client.post("/rank", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert metric(client.get("/metrics").text, "mtrank_http_requests_total", route="/rank", status="413") == 2
+
+
+def test_no_500_and_state_unchanged_after_bad_input(served, client: httpx.Client) -> None:
+    _, srv_manifest = served
+    before = client.get("/models").json()
+    for body, _, _ in BAD:
+        assert client.post("/rank", json=fill(body, srv_manifest)).status_code in (413, 422)
+    assert client.get("/models").json() == before
+    assert client.get("/healthz").status_code == 200
+    text = client.get("/metrics").text
+    assert metric(text, "mtrank_http_requests_total", status="500") == 0
+    assert metric(text, "mtrank_http_requests_total", route="/rank", status="422") >= len(BAD) - 1
+
+
+# ------------------------------------------------------------------------------------- feedback
+
+
+def test_feedback_validate_dedup_join(served, client: httpx.Client) -> None:
+    srv, _ = served
+    ranked = client.post("/rank", json=rank_body(4, request_id="fb-1")).json()["items"]
+    ev = [{"request_id": "fb-1", "item_id": "i0", "labels": {"ctr": 1, "cvr": 0}},
+          {"request_id": "fb-1", "item_id": "i1", "labels": {"ctr": 0}},
+          {"request_id": "unknown-request", "item_id": "x", "labels": {"watch_time": 12.5}}]
+    r = client.post("/feedback", json={"events": ev})
+    assert r.status_code == 200 and r.json() == {"accepted": 3, "duplicates": 0, "joined": 2}
+    # same events again: duplicates; a new label for a known key is accepted (first value of each label wins)
+    again = [*ev[:2], {"request_id": "fb-1", "item_id": "i1", "labels": {"ctr": 1, "like": 1}}]
+    r = client.post("/feedback", json={"events": again})
+    assert r.json() == {"accepted": 1, "duplicates": 2, "joined": 1}
+
+    fb = srv.services.feedback
+    scores, labels = fb.joined("ctr")
+    assert len(scores) >= 2 and set(labels.tolist()) <= {0.0, 1.0}
+    want = {it["item_id"]: it["task_scores"]["ctr"] for it in ranked}
+    assert sorted(scores.tolist()) == pytest.approx(sorted([want["i0"], want["i1"]]), abs=1e-6)
+    buckets = fb.calibration_buckets("ctr", bins=5)
+    assert len(buckets) == 5 and sum(b["count"] for b in buckets) == len(scores)
+
+    text = client.get("/metrics").text
+    assert metric(text, "mtrank_feedback_events_total", result="duplicate") >= 2
+    assert metric(text, "mtrank_feedback_events_total", result="joined") >= 3
+
+
+@pytest.mark.parametrize("events, loc", [
+    ([{"request_id": "r", "item_id": "i", "labels": {"ctrr": 1}}], ["body", "events", 0, "labels", "ctrr"]),
+    ([{"request_id": "r", "item_id": "i", "labels": {"ctr": 1}},
+      {"request_id": "r", "item_id": "j", "labels": {"ctr": 2}}], ["body", "events", 1, "labels", "ctr"]),
+    ([{"request_id": "r", "item_id": "i", "labels": {}}], ["body", "events", 0, "labels"]),
+    ([{"request_id": "r", "item_id": "i", "labels": {"ctr": "yes"}}], ["body", "events", 0, "labels", "ctr"]),
+    ([{"request_id": "r", "labels": {"ctr": 1}}], ["body", "events", 0, "item_id"]),
+    ([], ["body", "events"]),
+])
+def test_feedback_bad_input(served, client: httpx.Client, events: list, loc: list) -> None:
+    n = len(served[0].services.feedback)
+    r = client.post("/feedback", json={"events": events})
+    assert r.status_code == 422, r.text
+    assert any(d["loc"][: len(loc)] == loc for d in r.json()["detail"]), r.json()
+    assert len(served[0].services.feedback) == n  # nothing stored from a rejected batch
+    assert client.post("/feedback", content=b'{"events": [{"request_id": "r", "item_id": "i", "labels": {"ctr": NaN}}]}',
+                       headers={"content-type": "application/json"}).status_code == 422
+
+
+# ----------------------------------------------------------------------------------- operations
+
+
+def test_ops_endpoints_and_openapi(served, client: httpx.Client) -> None:
+    assert client.post("/rank", json=rank_body(2)).status_code == 200
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready", "model_version": "api-v1"}
+    models = client.get("/models").json()
+    assert models["active"] == "api-v1" and models["loaded"] == ["api-v1"] and models["previous"] is None
+    assert models["current_pointer"] == "api-v1" and models["last_error"] is None
+    assert {t["name"] for t in models["tasks"]} >= {"ctr", "cvr"}
+    spec = client.get("/openapi.json").json()
+    assert {"/rank", "/feedback", "/models", "/healthz", "/readyz", "/metrics", "/admin/reload",
+            "/admin/rollback"} <= set(spec["paths"])
+    assert "RankRequest" in spec["components"]["schemas"] and "RankResponse" in spec["components"]["schemas"]
+    text = client.get("/metrics").text
+    for name in ("mtrank_http_requests_total", "mtrank_http_request_duration_seconds_bucket", "mtrank_rank_candidates_bucket",
+                 "mtrank_model_info", "mtrank_model_reloads_total", "mtrank_rank_stage_seconds_bucket"):
+        assert name in text, name
+    assert metric(text, "mtrank_model_info", version="api-v1") == 1
+    assert metric(text, "mtrank_model_reloads_total", result="success", trigger="startup") == 1
+
+
+def test_admin_auth(tmp_path: Path, make_bundle, start_server) -> None:
+    make_bundle(tmp_path)
+    off = start_server(tmp_path)  # no admin.token: disabled
+    with off.client() as c:
+        r = c.post("/admin/reload", headers={"Authorization": "Bearer anything"})
+        assert r.status_code == 403 and "disabled" in r.json()["detail"]
+        assert c.post("/admin/rollback").status_code == 403
+    on = start_server(tmp_path, admin={"token": "s3cret"})
+    with on.client() as c:
+        assert c.post("/admin/reload").status_code == 403
+        assert c.post("/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 403
+        assert c.post("/admin/reload", headers={"Authorization": "Basic s3cret"}).status_code == 403
+        ok = c.post("/admin/reload", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["status"] == "unchanged"
+        r = c.post("/admin/reload", json={"version": "../etc"}, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 404
+        r = c.post("/admin/reload", json={"version": "v-missing"}, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 404 and "no such bundle" in r.json()["detail"]
+        r = c.post("/admin/rollback", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 404 and "no previous" in r.json()["detail"]
+
+
+def test_not_ready_until_a_bundle_appears(tmp_path: Path, make_bundle, start_server) -> None:
+    srv = start_server(tmp_path, ready=False)
+    with srv.client() as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 503
+        assert c.post("/rank", json=rank_body(2)).status_code == 503
+        make_bundle(tmp_path, version="late-1")
+        wait_until(lambda: c.get("/readyz").status_code == 200, 20, what="bundle pick-up")
+        assert c.post("/rank", json=rank_body(2)).json()["model_version"] == "late-1"
+
+
+def test_unknown_features_rejected_when_configured(tmp_path: Path, make_bundle, start_server) -> None:
+    make_bundle(tmp_path)
+    srv = start_server(tmp_path, limits={"unknown_features": "reject"})
+    with srv.client() as c:
+        r = c.post("/rank", json={"candidates": [{"item_id": "a"}, {"item_id": "b", "features": {"bogus": 1}}]})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "candidates", 1, "features", "bogus"]
+        r = c.post("/rank", json={"context": {"nope": 1}, "candidates": []})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "context", "nope"]
+        assert c.post("/rank", json=rank_body(2)).status_code == 200
+
+
+def test_gc_tuning_applied_after_start(tmp_path: Path, make_bundle, start_server) -> None:
+    import gc
+
+    make_bundle(tmp_path)
+    before = gc.get_threshold()
+    try:
+        start_server(tmp_path, gc={"freeze": True, "gen0_threshold": 12345})
+        assert gc.get_threshold()[0] == 12345 and gc.get_freeze_count() > 0
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+
+def test_scores_match_trainer_encoding_end_to_end(served, client: httpx.Client, tiny_run: Path, demo_data: Path) -> None:
+    """Raw rows sent as JSON score exactly like the trainer's encoding of the same rows run through the bundle."""
+    import pandas as pd
+
+    from model.data import encode_split, read_files
+    from model.train import load_run
+    from mtrank.bundle import onnx_runner
+
+    srv, manifest = served
+    cfg, schema, _ = load_run(tiny_run)
+    df = read_files(cfg.data, cfg.data.train, [f.source for f in cfg.features] + [t.label.column for t in cfg.tasks])
+    rows = df.head(6)
+    expected = onnx_runner(srv.services.registry.current.bundle_dir / "model.onnx")(encode_split(cfg, schema, rows).inputs)
+    records = json.loads(pd.read_parquet(demo_data).head(6).to_json(orient="records"))
+    for k, rec in enumerate(records):
+        ctx = {f.name: rec.get(f.source) for f in schema.features if f.side == "context" or
+               (f.side == "user" and f.name != "user_id")}
+        item = {f.name: rec.get(f.source) for f in schema.features if f.side == "item" and f.name != "item_id"}
+        body = {"user_id": str(rec["user_id"]), "context": ctx, "raw_scores": True,
+                "candidates": [{"item_id": str(rec["item_id"]), "features": item}]}
+        got = client.post("/rank", json=body).json()["items"][0]["task_scores"]
+        for t in manifest.tasks:
+            assert got[t.name] == pytest.approx(float(expected[t.output][k]), abs=1e-5), (k, t.name)
