@@ -22,8 +22,9 @@ import json
 import os
 import shutil
 import tempfile
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -116,8 +117,9 @@ class BundleManifest(_M):
     files: dict[str, str] = {}  # file name -> sha256
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    @property
+    @cached_property
     def schema(self) -> FittedSchema:  # type: ignore[override]
+        """The fitted feature schema, parsed once."""
         return FittedSchema.from_dict(self.schema_)
 
     def task(self, name: str) -> TaskInfo:
@@ -203,25 +205,37 @@ def check_golden(bundle_dir: str | Path, run: Any, atol: float = 1e-4) -> float:
     return worst
 
 
-def onnx_runner(model_path: str | Path, intra_threads: int = 1) -> Any:
-    """A callable running the ONNX model with onnxruntime on CPU (imported lazily)."""
+def cpu_session(model_path: str | Path, intra_threads: int = 1) -> Any:
+    """An onnxruntime CPU session (onnxruntime is imported lazily: verifying needs it, reading does not)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_threads
     opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def session_runner(sess: Any) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A callable running every output of an onnxruntime session: ``run(inputs) -> {name: array}``."""
     names = [o.name for o in sess.get_outputs()]
 
     def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(names, sess.run(names, inputs)))
 
-    run.session = sess  # type: ignore[attr-defined]
     return run
 
 
-def verify_bundle(bundle_dir: str | Path) -> BundleManifest:
-    """Every check a loader should make before serving: manifest, checksums, I/O names, golden outputs."""
+def onnx_runner(model_path: str | Path, intra_threads: int = 1) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    return session_runner(cpu_session(model_path, intra_threads))
+
+
+def verify_bundle(bundle_dir: str | Path, session_factory: Callable[[Path], Any] = cpu_session
+                  ) -> tuple[BundleManifest, Any]:
+    """Every check a loader makes before serving: manifest, checksums, size, I/O names, golden outputs.
+
+    Returns the manifest and the onnxruntime session the checks ran on (built by ``session_factory``,
+    so a server can verify with the very session it will serve with).
+    """
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleError(f"{bundle_dir}: not a directory")
@@ -231,10 +245,9 @@ def verify_bundle(bundle_dir: str | Path) -> BundleManifest:
     if size > MAX_MODEL_BYTES:
         raise BundleError(f"{bundle_dir / MODEL}: {size} bytes exceeds the {MAX_MODEL_BYTES} byte limit")
     try:
-        run = onnx_runner(bundle_dir / MODEL)
+        sess = session_factory(bundle_dir / MODEL)
     except Exception as err:  # onnxruntime raises its own exception types
         raise BundleError(f"{bundle_dir / MODEL}: onnxruntime cannot load it: {err}") from None
-    sess = run.session
     in_names = [i.name for i in sess.get_inputs()]
     if in_names != manifest.inputs or in_names != manifest.schema.input_names():
         raise BundleError(f"{bundle_dir / MODEL}: inputs {in_names} do not match manifest {manifest.inputs}")
@@ -242,8 +255,8 @@ def verify_bundle(bundle_dir: str | Path) -> BundleManifest:
     wanted = {t.output for t in manifest.tasks} | {g.output for g in manifest.gates}
     if not wanted <= out_names:
         raise BundleError(f"{bundle_dir / MODEL}: outputs {sorted(wanted - out_names)} named in the manifest are missing")
-    check_golden(bundle_dir, run)
-    return manifest
+    check_golden(bundle_dir, session_runner(sess))
+    return manifest, sess
 
 
 # ------------------------------------------------------------------------------------ writing

@@ -61,7 +61,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from mtrank.bundle import verify_bundle
 
-    manifest = verify_bundle(args.bundle_dir)
+    manifest, _ = verify_bundle(args.bundle_dir)
     print(f"ok: {args.bundle_dir} version {manifest.model_version} ({manifest.arch}, tasks "
           f"{', '.join(manifest.scored_names)})")
     return 0
@@ -70,7 +70,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.main import serve
 
-    serve(args.bundles, host=args.host, port=args.port, config_path=args.config)
+    serve(args.bundles, host=args.host, port=args.port, config_path=args.config, workers=args.workers)
     return 0
 
 
@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve bundles over HTTP (POST /rank)")
     p.add_argument("--bundles", required=True, help="bundles directory")
-    p.add_argument("--host", default=os.environ.get("MTRANK_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("MTRANK_PORT", "8000")))
-    p.add_argument("--config", help="service YAML config")
+    p.add_argument("--host", help="default: config file / $MTRANK_HOST / 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: config file / $MTRANK_PORT / 8000")
+    p.add_argument("--workers", type=int, help="uvicorn worker processes (prometheus multiprocess mode when > 1)")
+    p.add_argument("--config", help="service YAML config (also $MTRANK_CONFIG)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="synthetic data -> train -> export -> serve, all with embedded defaults")

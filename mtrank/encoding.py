@@ -71,8 +71,8 @@ def canonical_strings(values: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, n
     arr = np.asarray(values, dtype=object) if not isinstance(values, np.ndarray) else values
     if arr.dtype.kind == "U":
         out = arr
-    elif arr.dtype.kind in "iu":
-        out = arr.astype(str)
+    elif arr.dtype.kind in "iu" or (arr.dtype == object and all(type(v) is str for v in arr.ravel().tolist())):
+        out = arr.astype(str)  # all strings (the common JSON case) or integers: no per-value work
     else:
         out = np.array([_canonical(v) or "" for v in arr.ravel()], dtype=str).reshape(arr.shape) if arr.size else np.zeros(arr.shape, dtype="<U1")
     missing = out == ""
@@ -204,22 +204,29 @@ def encode_categorical(f: FittedFeature, values: Sequence[Any] | np.ndarray, ind
     return local + f.offset
 
 
+def _bag(v: Any, separator: str) -> list[str]:
+    """One multi-valued cell -> its non-empty canonical tokens."""
+    if v is None or (isinstance(v, float) and v != v):
+        return []
+    if isinstance(v, str):
+        return [t for t in v.split(separator) if t]
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [t for t in map(_canonical, v) if t]
+    return [t for t in (_canonical(v),) if t]
+
+
 def encode_multi(f: FittedFeature, values: Sequence[Any] | np.ndarray) -> np.ndarray:
     """Bags (``"a|b"`` strings or lists) [n] -> global rows int64 [n, max_len], 0 = padding."""
     n = len(values)
     out = np.zeros((n, f.max_len), dtype=np.int64)
-    rows, cols, tokens = [], [], []
-    for i, v in enumerate(values):
-        if v is None or (isinstance(v, float) and v != v):
-            continue
-        items = v if isinstance(v, (list, tuple, np.ndarray)) else str(v).split(f.separator)
-        items = [t for t in (_canonical(t) for t in items) if t][: f.max_len]
-        rows.extend([i] * len(items))
-        cols.extend(range(len(items)))
-        tokens.extend(items)
-    if tokens:
-        h = fnv1a64(np.asarray(tokens, dtype=str))
-        out[rows, cols] = (h % np.uint64(f.buckets)).astype(np.int64) + 1 + f.offset
+    bags = [_bag(v, f.separator)[: f.max_len] for v in values]
+    lengths = np.fromiter(map(len, bags), dtype=np.int64, count=n)  # [n]
+    total = int(lengths.sum())
+    if total:
+        tokens = np.fromiter((t for b in bags for t in b), dtype=f"<U{max(len(t) for b in bags for t in b)}", count=total)
+        rows = np.repeat(np.arange(n), lengths)  # [total]
+        cols = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # position within the bag
+        out[rows, cols] = (fnv1a64(tokens) % np.uint64(f.buckets)).astype(np.int64) + 1 + f.offset
     return out
 
 

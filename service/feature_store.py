@@ -79,19 +79,15 @@ def _clean(row: Mapping[str, Any], key_column: str) -> dict[str, Any]:
 
 
 def read_snapshot(path: str | Path, key_column: str) -> dict[str, dict[str, Any]]:
-    """A Parquet/CSV file -> {key: {column: value}} (last row wins, null cells dropped)."""
-    import pandas as pd
+    """A Parquet/CSV file -> {key: {column: value}} (last row wins, null cells dropped). pyarrow, no pandas."""
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
 
     path = Path(path)
-    df = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
-    if key_column not in df.columns:
-        raise ValueError(f"{path}: no key column {key_column!r} (columns: {list(df.columns)})")
-    df = df.drop_duplicates(subset=[key_column], keep="last")
-    keys = [str(k) for k in df[key_column].tolist()]
-    return {k: _clean(r, key_column) for k, r in zip(keys, df.to_dict("records"))}
-
-
-# ------------------------------------------------------------------------------------- embedded
+    table = pq.read_table(path) if path.suffix in (".parquet", ".pq") else pa_csv.read_csv(path)
+    if key_column not in table.column_names:
+        raise ValueError(f"{path}: no key column {key_column!r} (columns: {table.column_names})")
+    return {str(r[key_column]): _clean(r, key_column) for r in table.to_pylist()}
 
 
 class EmbeddedFeatureStore:

@@ -1,4 +1,4 @@
-"""Entry points: ``serve()`` (called by ``mtrank serve``), the uvicorn worker factory, ``python -m service.main``.
+"""Entry points: ``serve()`` (called by ``mtrank serve`` and ``mtrank demo``) and the uvicorn worker factory.
 
 With ``workers > 1`` uvicorn spawns worker processes that build the app from the environment
 (``app_from_env``): ``serve`` exports the explicit arguments as ``MTRANK_*`` variables and the
@@ -49,11 +49,13 @@ def _multiprocess_dir() -> None:
         f.unlink(missing_ok=True)
 
 
-def serve(bundles_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, config_path: str | Path | None = None) -> None:
-    """Serve ``bundles_dir`` over HTTP until interrupted. Arguments win over the config file and env."""
+def serve(bundles_dir: str | Path, host: str | None = None, port: int | None = None,
+          config_path: str | Path | None = None, workers: int | None = None) -> None:
+    """Serve ``bundles_dir`` over HTTP until interrupted. Arguments given win over env, env over the config file."""
     import uvicorn
 
-    settings = load_settings(config_path, bundles_dir=Path(bundles_dir).resolve(), host=host, port=port)
+    given = {k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v is not None}
+    settings = load_settings(config_path, bundles_dir=Path(bundles_dir).resolve(), **given)
     _configure_logging(settings.log_level)
     common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level, "access_log": False,
               "lifespan": "on", "timeout_graceful_shutdown": 10}
@@ -66,26 +68,3 @@ def serve(bundles_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, co
         uvicorn.run("service.main:app_from_env", factory=True, workers=settings.workers, **common)
     else:
         uvicorn.run(create_app(settings), **common)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from mtrank.config import ConfigError
-
-    p = argparse.ArgumentParser(prog="python -m service.main", description="serve mtrank bundles over HTTP")
-    p.add_argument("--bundles", required=True)
-    p.add_argument("--host", default=os.environ.get("MTRANK_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("MTRANK_PORT", "8000")))
-    p.add_argument("--config")
-    args = p.parse_args(argv)
-    try:
-        serve(args.bundles, args.host, args.port, args.config)
-    except ConfigError as err:
-        print(f"error: {err}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

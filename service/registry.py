@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtrank.bundle import BundleError, list_versions, read_current, verify_bundle
+from mtrank.bundle import BundleError, list_versions, read_current
 from service.fusion import ExpressionError
 from service.logs import RateLimitedLogger
 from service.metrics import Metrics
@@ -116,10 +116,10 @@ class Registry:
 
     # ----------------------------------------------------------------------------- loading
     def _load_dir(self, bundle_dir: Path) -> Model:
-        manifest = verify_bundle(bundle_dir)
-        if manifest.model_version != bundle_dir.name:
-            raise BundleError(f"{bundle_dir}: manifest model_version {manifest.model_version!r} differs from the directory name")
-        return Model.load(bundle_dir, manifest, self.settings.onnx, self.settings.fusion)
+        model = Model.load(bundle_dir, self.settings.onnx, self.settings.fusion)
+        if model.version != bundle_dir.name:
+            raise BundleError(f"{bundle_dir}: manifest model_version {model.version!r} differs from the directory name")
+        return model
 
     def _swap(self, model: Model, trigger: str, started: float) -> Outcome:
         old = self._state.current

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mtrank.bundle import BundleManifest, Calibration, check_golden
+from mtrank.bundle import BundleManifest, Calibration, verify_bundle
 from mtrank.encoding import FeatureEncoder, FittedFeature
 from service import fusion as fusion_mod
 from service.feature_store import EMPTY, Row, StoreResult
@@ -143,11 +143,10 @@ class Model:
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, bundle_dir: Path, manifest: BundleManifest, onnx: OnnxSettings, fusion: FusionSettings) -> Model:
-        """Build, check the golden outputs with the serving session, and warm up."""
-        model = cls(bundle_dir, manifest, onnx, fusion)
-        names = [o.name for o in model.session.get_outputs()]
-        check_golden(bundle_dir, lambda inputs: dict(zip(names, model.session.run(names, inputs))))
+    def load(cls, bundle_dir: Path, onnx: OnnxSettings, fusion: FusionSettings) -> "Model":
+        """Verify the bundle with the serving session itself (checksums, I/O, golden outputs), build, warm up."""
+        manifest, session = verify_bundle(bundle_dir, lambda path: make_session(path, onnx))
+        model = cls(bundle_dir, manifest, onnx, fusion, session=session)
         model.warmup()
         return model
 

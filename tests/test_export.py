@@ -34,7 +34,7 @@ def test_round_trip_matches_torch(arch_bundle: tuple[Path, Path]) -> None:
     from model.train import load_run, predict, to_tensors
 
     run, bundle = arch_bundle
-    manifest = verify_bundle(bundle)
+    manifest, _ = verify_bundle(bundle)
     _, _, model = load_run(run)
     val = Split.load(run / "val.npz")
     scores, gates = predict(model, to_tensors(val))
@@ -169,7 +169,7 @@ def test_int8_guard(tiny_run: Path, tmp_path: Path) -> None:
         export_run(tiny_run, tmp_path, version="q-refused", quantize="int8", max_auc_drop=-1.0)
     assert not (tmp_path / "q-refused").exists()
     bundle = export_run(tiny_run, tmp_path, version="q", quantize="int8", max_auc_drop=0.05)
-    m = verify_bundle(bundle)
+    m, _ = verify_bundle(bundle)
     assert m.quantization.mode == "int8"
     assert set(m.quantization.auc_delta) == {"ctr", "like", "ctcvr"}
     assert m.quantization.max_abs_diff is not None and m.quantization.max_abs_diff > 0
