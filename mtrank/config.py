@@ -80,55 +80,44 @@ def _expand_env(value: str) -> str:
 Side = Literal["user", "context", "item"]
 
 
-class CategoricalFeature(_Strict):
+class _FeatureBase(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    column: str | None = None  # source column in the data; defaults to the name
+    side: Side
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+class CategoricalFeature(_FeatureBase):
     """A categorical id: hashed into ``buckets`` or looked up in a vocabulary fitted on train."""
 
     kind: Literal["categorical"] = "categorical"
-    name: str
-    column: str | None = None
-    side: Side
     encoding: Literal["hash", "vocab"] = "hash"
     buckets: int = Field(1000, gt=0)  # hash only
     min_count: int = Field(1, ge=1)  # vocab only: rarer values map to the OOV bucket
     max_vocab: int = Field(100_000, gt=0)  # vocab only
 
-    @property
-    def source(self) -> str:
-        return self.column or self.name
 
-
-class MultiCategoricalFeature(_Strict):
+class MultiCategoricalFeature(_FeatureBase):
     """A bag of categorical ids in one cell (``"a|b|c"``), hashed and mean/sum pooled."""
 
     kind: Literal["multi_categorical"] = "multi_categorical"
-    name: str
-    column: str | None = None
-    side: Side
     buckets: int = Field(1000, gt=0)
     separator: str = "|"
     max_len: int = Field(8, gt=0)
     pooling: Literal["mean", "sum"] = "mean"
 
-    @property
-    def source(self) -> str:
-        return self.column or self.name
 
-
-class NumericFeature(_Strict):
+class NumericFeature(_FeatureBase):
     """A dense value: optional log1p, standardised with train-split statistics, clipped."""
 
     kind: Literal["numeric"] = "numeric"
-    name: str
-    column: str | None = None
-    side: Side
     transform: Literal["none", "log1p"] = "none"
     normalize: Literal["standard", "none"] = "standard"
     default: float | None = None  # raw value for missing cells; None = the train mean
     clip: float = Field(5.0, gt=0)
-
-    @property
-    def source(self) -> str:
-        return self.column or self.name
 
 
 Feature = Annotated[CategoricalFeature | MultiCategoricalFeature | NumericFeature, Field(discriminator="kind")]
@@ -308,18 +297,27 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); ConfigError otherwise."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return raw
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config; ``extends: other.yaml`` (relative to this file) is deep-merged under it."""
     if path in seen:
         raise ConfigError(f"{path}: extends cycle")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = read_yaml_mapping(path)
     parent = raw.pop("extends", None)
     if parent is None:
         return raw

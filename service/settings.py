@@ -19,11 +19,10 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from mtrank.config import ConfigError
+from mtrank.config import ConfigError, read_yaml_mapping
 
 DEFAULT_PROFILE = "default"
 
@@ -231,18 +230,7 @@ def _format(err: ValidationError, origin: str) -> str:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: service config file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return raw
+    return read_yaml_mapping(path, "service config")
 
 
 def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Settings:
