@@ -35,7 +35,7 @@ class Split:
         np.savez(path, labels=self.labels, mask=self.mask, **self.inputs, **extra)
 
     @classmethod
-    def load(cls, path: Path) -> "Split":
+    def load(cls, path: Path) -> Split:
         z = np.load(path, allow_pickle=False)
         inputs = {k: z[k] for k in z.files if k.startswith(("request_", "item_"))}
         return cls(inputs, z["labels"], z["mask"], z["groups"] if "groups" in z.files else None)

@@ -21,13 +21,25 @@ import numpy as np
 import onnx
 import torch
 
-from mtrank.bundle import (BundleError, BundleManifest, GateInfo, Histogram, Quantization, Reference, TaskInfo,
-                           onnx_runner, write_bundle, write_current, GOLDEN, MODEL)
-from mtrank.metrics import auc
 from model.calibrate import fit_calibration
 from model.data import Split
 from model.nets import ExportWrapper, MultiTaskRanker
 from model.train import gate_stats, load_run, predict, to_tensors
+from mtrank.bundle import (
+    GOLDEN,
+    MODEL,
+    BundleError,
+    BundleManifest,
+    GateInfo,
+    Histogram,
+    Quantization,
+    Reference,
+    TaskInfo,
+    onnx_runner,
+    write_bundle,
+    write_current,
+)
+from mtrank.metrics import auc
 
 OPSET = 17
 PARITY_ATOL = 1e-5
@@ -160,7 +172,7 @@ def export_run(run_dir: str | Path, bundles_dir: str | Path, version: str | None
     tasks += [TaskInfo(name=t.chain.head, type="binary", output=f"p_{t.chain.head}", derived=True)
               for t in cfg.tasks if t.chain is not None]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    created = dt.datetime.now(dt.timezone.utc)
+    created = dt.datetime.now(dt.UTC)
     version = version or f"{created:%Y%m%d-%H%M%S}-{hashlib.sha256(data).hexdigest()[:8]}"
     manifest = BundleManifest(
         model_version=version,

@@ -68,7 +68,7 @@ class BatchedMLP(nn.Module):
         dims = [in_dim, *hidden]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        for _i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             w = torch.empty(n, a, b)
             for k in range(n):  # Kaiming-uniform per expert, like nn.Linear
                 nn.init.kaiming_uniform_(w[k].T, a=math.sqrt(5))

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.layers import BatchedMLP, FeatureEmbedding, Gate, mix
 from mtrank.config import ModelConfig, TaskConfig
 from mtrank.encoding import FittedSchema
-from model.layers import BatchedMLP, FeatureEmbedding, Gate, mix
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mtrank.config import Config, TaskConfig, parse_config
-from mtrank.encoding import FittedSchema
-from mtrank.metrics import binary_metrics, regression_metrics
 from model.balance import make_balancer
 from model.data import Split, encode_split, fit_schema, load_frames
 from model.nets import MultiTaskRanker
+from mtrank.config import Config, TaskConfig, parse_config
+from mtrank.encoding import FittedSchema
+from mtrank.metrics import binary_metrics, regression_metrics
 
 log = logging.getLogger("mtrank.train")
 LOWER_IS_BETTER = ("logloss", "mse", "mae", "loss", "ece")

@@ -22,9 +22,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -163,7 +164,7 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors())
         raise BundleError(f"{path}: invalid manifest: {problems}") from None
     try:
-        manifest.schema  # the feature schema must rebuild too
+        _ = manifest.schema  # the feature schema must rebuild too
     except (TypeError, KeyError, ValueError) as err:
         raise BundleError(f"{path}: invalid manifest: schema: {err}") from None
     return manifest

@@ -23,8 +23,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mtrank.config import load_config
     from model.train import format_table, train
+    from mtrank.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     metrics = train(cfg, args.out)
@@ -75,10 +75,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mtrank.config import apply_overrides, parse_config
     from model.export import export_run
     from model.synthetic import DEMO_CONFIG, write
     from model.train import format_table, train
+    from mtrank.config import apply_overrides, parse_config
 
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ class DataConfig(_Strict):
     base_dir: str = "."
 
     @model_validator(mode="after")
-    def _columns_when_headerless(self) -> "DataConfig":
+    def _columns_when_headerless(self) -> DataConfig:
         if not self.header and not self.columns:
             raise ValueError("columns: required when header is false")
         return self
@@ -134,7 +134,7 @@ class LabelRule(_Strict):
     value: Any = None  # scalar for comparisons, list for ``in``; unused for ``value``
 
     @model_validator(mode="after")
-    def _check_value(self) -> "LabelRule":
+    def _check_value(self) -> LabelRule:
         if self.op == "in" and not isinstance(self.value, list):
             raise ValueError("value: op 'in' needs a list")
         if self.op not in ("value", "in") and self.value is None:
@@ -216,7 +216,7 @@ class Config(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
+    def _cross_checks(self) -> Config:
         names = [f.name for f in self.features]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

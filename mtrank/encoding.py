@@ -16,8 +16,9 @@ Values are canonicalised to strings before hashing (``canonical_strings``) so th
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -163,7 +164,7 @@ class FittedSchema:
         return {"table_size": self.table_size, "hash": "fnv1a64-utf8", "features": [asdict(f) for f in self.features]}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FittedSchema":
+    def from_dict(cls, d: Mapping[str, Any]) -> FittedSchema:
         if d.get("hash", "fnv1a64-utf8") != "fnv1a64-utf8":
             raise ValueError(f"schema.hash: unsupported hash function {d.get('hash')!r}")
         feats = tuple(FittedFeature(**f) for f in d["features"])

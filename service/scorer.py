@@ -143,7 +143,7 @@ class Model:
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, bundle_dir: Path, onnx: OnnxSettings, fusion: FusionSettings) -> "Model":
+    def load(cls, bundle_dir: Path, onnx: OnnxSettings, fusion: FusionSettings) -> Model:
         """Verify the bundle with the serving session itself (checksums, I/O, golden outputs), build, warm up."""
         manifest, session = verify_bundle(bundle_dir, lambda path: make_session(path, onnx))
         model = cls(bundle_dir, manifest, onnx, fusion, session=session)

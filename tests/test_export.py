@@ -8,8 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtrank.bundle import (BundleError, load_golden, onnx_runner, read_current, read_manifest, verify_bundle,
-                           write_current)
+from mtrank.bundle import (
+    BundleError,
+    load_golden,
+    onnx_runner,
+    read_current,
+    read_manifest,
+    verify_bundle,
+    write_current,
+)
 from mtrank.metrics import ece
 from tests.conftest import demo_config
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtrank.config import ModelConfig, TaskConfig
-from mtrank.encoding import FittedFeature, FittedSchema
 from model.balance import make_balancer
 from model.nets import ExtractionLevel, MultiTaskRanker
 from model.train import task_losses
+from mtrank.config import ModelConfig, TaskConfig
+from mtrank.encoding import FittedFeature, FittedSchema
 
 ARCHS = ["single", "shared_bottom", "mmoe", "cgc", "ple"]
 
@@ -120,7 +120,7 @@ def test_ple_expert_batching_matches_per_expert_loop() -> None:
     batched = lvl.experts(x)  # [n, B, H]
     for e in range(lvl.experts.n):
         h = x
-        for i, (w, b) in enumerate(zip(lvl.experts.weights, lvl.experts.biases)):
+        for w, b in zip(lvl.experts.weights, lvl.experts.biases):
             h = torch.relu(h @ w[e] + b[e])
         torch.testing.assert_close(batched[e], h)
 

@@ -39,7 +39,7 @@ def test_cli_serve_two_workers_multiprocess_metrics(tmp_path: Path, make_bundle)
 
         wait_until(ready, 60, interval=0.2, what="2-worker server")
         with httpx.Client(base_url=url, timeout=10) as c:
-            for k in range(30):
+            for _k in range(30):
                 with httpx.Client(base_url=url, timeout=10) as fresh:  # new connections spread over workers
                     r = fresh.post("/rank", json=rank_body(4))
                 assert r.status_code == 200 and r.json()["model_version"] == version
