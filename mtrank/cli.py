@@ -97,9 +97,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from service.main import serve
 
-    print(f"serving on http://{args.host}:{args.port}  (POST /rank, GET /docs)", file=sys.stderr)
-    serve(work / "bundles", host=args.host, port=args.port, config_path=None)
+    service_cfg = work / "service.yaml"
+    if not service_cfg.exists():  # the embedded feature store serves the synthetic users and items
+        service_cfg.write_text(DEMO_SERVICE_CONFIG.format(snapshot=data))
+    print(f"serving on http://{args.host}:{args.port}  (POST /rank, GET /docs; config {service_cfg})", file=sys.stderr)
+    serve(work / "bundles", host=args.host, port=args.port, config_path=service_cfg)
     return 0
+
+
+DEMO_SERVICE_CONFIG = """\
+# mtrank demo service config (written by `mtrank demo`; edit and re-run to change it)
+feature_store:
+  backend: embedded
+  snapshot: {snapshot}          # user and item rows of the synthetic feed (last row per id wins)
+fusion:
+  default: default              # weighted sum of the calibrated binary tasks
+  profiles:
+    engagement: {{type: expression, expression: "ctr + 0.5 * like + 2 * ctcvr"}}
+    purchase: {{type: weighted_product, weights: {{ctr: 1.0, cvr: 2.0}}}}
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
