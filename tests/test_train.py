@@ -101,3 +101,16 @@ def test_feature_parity_training_vs_json_requests(demo_data: Path) -> None:
         served = enc.encode(group, cols, len(records))
         for name, arr in served.items():
             np.testing.assert_array_equal(arr, trained[name], err_msg=name)
+
+
+def test_demo_command_trains_and_exports(tmp_path: Path) -> None:
+    """The README's main job, minus serving: synthetic data -> train -> a verified, active bundle."""
+    from mtrank.bundle import read_current, verify_bundle
+    from mtrank.cli import main
+
+    rc = main(["demo", "--workdir", str(tmp_path), "--rows", "4000", "--no-serve",
+               "--set", "train.epochs=1", "--set", "train.threads=1", "--set", "train.progress=false"])
+    assert rc == 0
+    version = read_current(tmp_path / "bundles")
+    manifest, _ = verify_bundle(tmp_path / "bundles" / version)
+    assert manifest.arch == "mmoe" and manifest.task("cvr").derived
