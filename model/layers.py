@@ -55,33 +55,52 @@ class FeatureEmbedding(nn.Module):
         return (summed / denom.unsqueeze(1)).transpose(1, 2).flatten(1)  # [B, F * D]
 
 
+class BatchedBatchNorm(nn.Module):
+    """Batch normalisation of n MLPs' activations [n, B, H], per (member, unit), over the batch."""
+
+    def __init__(self, n: int, dim: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(n * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, b, h = x.shape
+        y = self.bn(x.transpose(0, 1).reshape(b, n * h))  # [B, n * H]
+        return y.view(b, n, h).transpose(0, 1)  # [n, B, H]
+
+
 class BatchedMLP(nn.Module):
     """``n`` independent MLPs (experts, towers) evaluated together.
 
     Input [B, I] (every MLP sees the same input: the first layer is one GEMM over all n) or
-    [n, B, I] (each its own input: one bmm). Output [n, B, H_last].
+    [n, B, I] (each its own input: one bmm). Output [n, B, H_last]. Each hidden layer is
+    linear -> (batch norm) -> ReLU -> (dropout); the last layer skips all three when
+    ``last_activation`` is false (a tower's logit).
     """
 
-    def __init__(self, n: int, in_dim: int, hidden: list[int], dropout: float = 0.0, last_activation: bool = True):
+    def __init__(self, n: int, in_dim: int, hidden: list[int], dropout: float = 0.0, last_activation: bool = True,
+                 batch_norm: bool = False):
         super().__init__()
         self.n = n
         dims = [in_dim, *hidden]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for _i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        self.norms = nn.ModuleList()
+        self.n_layers = len(hidden)
+        self.last_activation = last_activation
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             w = torch.empty(n, a, b)
             for k in range(n):  # Kaiming-uniform per expert, like nn.Linear
                 nn.init.kaiming_uniform_(w[k].T, a=math.sqrt(5))
             self.weights.append(nn.Parameter(w))
             bound = 1.0 / math.sqrt(a)
             self.biases.append(nn.Parameter(torch.empty(n, 1, b).uniform_(-bound, bound)))
-        self.n_layers = len(hidden)
-        self.last_activation = last_activation
+            activated = i < self.n_layers - 1 or last_activation
+            self.norms.append(BatchedBatchNorm(n, b) if batch_norm and activated else nn.Identity())
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_dim = dims[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for i, (w, b, norm) in enumerate(zip(self.weights, self.biases, self.norms)):
             if x.dim() == 2:  # shared input [B, I]: one GEMM against all n weight matrices
                 n, a, h = w.shape
                 y = (x @ w.permute(1, 0, 2).reshape(a, n * h)).view(-1, n, h).transpose(0, 1)  # [n, B, H]
@@ -89,7 +108,7 @@ class BatchedMLP(nn.Module):
                 y = torch.bmm(x, w)  # [n, B, H]
             x = y + b
             if i < self.n_layers - 1 or self.last_activation:
-                x = self.dropout(torch.relu(x))
+                x = self.dropout(torch.relu(norm(x)))
         return x
 
 

@@ -48,7 +48,7 @@ class ExtractionLevel(nn.Module):
         super().__init__()
         self.level, self.tasks, self.T = level, tasks, len(tasks)
         n_total = self.T * n_task + n_shared
-        self.experts = BatchedMLP(n_total, in_dim, cfg.expert_hidden, cfg.dropout)
+        self.experts = BatchedMLP(n_total, in_dim, cfg.expert_hidden, cfg.dropout, batch_norm=cfg.batch_norm)
         self.out_dim = self.experts.out_dim
         shared_names = [f"expert{i}" if shared_only_names else f"shared{i}" for i in range(n_shared)]
         self.expert_names = [f"{t}{i}" for t in tasks for i in range(n_task)] + shared_names
@@ -114,10 +114,10 @@ class MultiTaskRanker(nn.Module):
         self.levels = nn.ModuleList()
         self.body: nn.Module | None = None
         if cfg.arch == "single":
-            self.body = BatchedMLP(T, in_dim, cfg.expert_hidden, cfg.dropout)
+            self.body = BatchedMLP(T, in_dim, cfg.expert_hidden, cfg.dropout, batch_norm=cfg.batch_norm)
             hidden = self.body.out_dim
         elif cfg.arch == "shared_bottom":
-            self.body = BatchedMLP(1, in_dim, cfg.expert_hidden, cfg.dropout)
+            self.body = BatchedMLP(1, in_dim, cfg.expert_hidden, cfg.dropout, batch_norm=cfg.batch_norm)
             hidden = self.body.out_dim
         elif cfg.arch == "mmoe":
             self.levels.append(ExtractionLevel(0, self.task_names, 0, cfg.n_experts, in_dim, cfg,
@@ -132,7 +132,8 @@ class MultiTaskRanker(nn.Module):
                 self.levels.append(lvl)
                 dim = lvl.out_dim
             hidden = dim
-        self.towers = BatchedMLP(T, hidden, [*cfg.tower_hidden, 1], cfg.dropout, last_activation=False)
+        self.towers = BatchedMLP(T, hidden, [*cfg.tower_hidden, 1], cfg.dropout, last_activation=False,
+                                 batch_norm=cfg.batch_norm)
         self.gate_specs = [spec for lvl in self.levels for spec in lvl.gate_specs]
         self.experts = [f"l{lvl.level}.{name}" for lvl in self.levels for name in lvl.expert_names]
 

@@ -173,6 +173,8 @@ def train(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
             batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="batch")
         for i in batches:
             idx = perm[i : i + tc.batch_size]
+            if len(idx) < 2:  # batch norm cannot train on a single row
+                continue
             batch = {k: v[idx] for k, v in x_train.items()}
             out_b = model(batch)
             losses, present = task_losses(out_b, y_train[idx], m_train[idx], cfg.tasks)

@@ -173,6 +173,7 @@ class ModelConfig(_Strict):
     levels: int = Field(1, gt=0)  # PLE extraction levels (CGC is PLE with 1 level)
     gate_temperature: float = Field(1.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_norm: bool = False  # batch norm after each hidden layer of experts, bottoms and towers
 
 
 # ------------------------------------------------------------------------------------- training

@@ -20,7 +20,7 @@ from mtrank.bundle import (
 from mtrank.metrics import ece
 from tests.conftest import demo_config
 
-ARCHS = ["single", "shared_bottom", "mmoe", "cgc", "ple"]
+ARCHS = ["single", "shared_bottom", "mmoe", "cgc", "ple", "ple+bn"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -28,11 +28,12 @@ def arch_bundle(request, tmp_path_factory, demo_data: Path) -> tuple[Path, Path]
     from model.export import export_run
     from model.train import train
 
-    arch = request.param
+    arch, _, variant = request.param.partition("+")
     run = tmp_path_factory.mktemp(f"run_{arch}")
-    train(demo_config(demo_data, [f"model.arch={arch}", "model.levels=2", "train.epochs=1"]), run)
+    overrides = [f"model.arch={arch}", "model.levels=2", "train.epochs=1", f"model.batch_norm={variant == 'bn'}"]
+    train(demo_config(demo_data, overrides), run)
     bundles = tmp_path_factory.mktemp(f"bundles_{arch}")
-    return run, export_run(run, bundles, version=f"{arch}-1")
+    return run, export_run(run, bundles, version=f"{arch}{variant}-1")
 
 
 def test_round_trip_matches_torch(arch_bundle: tuple[Path, Path]) -> None:

@@ -82,6 +82,21 @@ def test_request_batch_of_one_broadcasts(arch: str) -> None:
         torch.testing.assert_close(a[name], b[name])
 
 
+@pytest.mark.parametrize("arch", ["shared_bottom", "ple"])
+def test_batch_norm_variant(arch: str) -> None:
+    """Batch norm trains on batch statistics and scores candidates independently in eval mode."""
+    model = _model(arch, batch_norm=True)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    x = _inputs(6)
+    model.train()
+    losses, _ = task_losses(model(x), torch.ones(6, 3), torch.ones(6, 3, dtype=torch.bool), TASKS)
+    losses.sum().backward()
+    model.eval()
+    full = model(x)["scores"]["ctr"]
+    first = model({k: v[:1] for k, v in x.items()})["scores"]["ctr"]
+    torch.testing.assert_close(first, full[:1])
+
+
 def test_esmm_identity() -> None:
     out = _model("mmoe")(_inputs(16))["scores"]
     torch.testing.assert_close(out["ctcvr"], out["ctr"] * out["cvr"])
