@@ -14,7 +14,6 @@ metric, keeps the best checkpoint and writes the run directory::
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import sys
@@ -34,7 +33,6 @@ from mtrank.config import Config, TaskConfig, parse_config
 from mtrank.encoding import FittedSchema
 from mtrank.metrics import binary_metrics, regression_metrics
 
-log = logging.getLogger("mtrank.train")
 LOWER_IS_BETTER = ("logloss", "mse", "mae", "loss", "ece")
 
 
