@@ -58,9 +58,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from mtrank.config import Config, load_config  # noqa: E402
 from model.data import encode_split, fit_schema, load_frames  # noqa: E402
-from model.train import load_run, predict, to_tensors, train  # noqa: E402
+from model.train import load_run, predict, train  # noqa: E402
+from mtrank.config import Config, load_config  # noqa: E402
 
 EXAMPLES = ROOT / "examples" / "census-income"
 MULTI_TASK_ARCHS = ["shared_bottom", "mmoe", "cgc", "ple"]
@@ -426,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         log("warning: OPENBLAS_CORETYPE is set; run with `env -u OPENBLAS_CORETYPE` (it slows numpy here)")
     torch.set_num_threads(args.threads)
     silence_rechub_tqdm()
-    import torch_rechub
     from importlib.metadata import version
+
+    import torch_rechub
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
