@@ -289,6 +289,16 @@ def summarize(results: list[dict[str, Any]], archs: list[str], tasks: list[str])
     return summary
 
 
+def bn_note(model: dict[str, Any]) -> str:
+    if model.get("batch_norm"):
+        return ("Both put BatchNorm after every hidden linear layer of experts / bottom / towers (ours: "
+                "`model.batch_norm: true`); torch-rechub's softmax gates also carry a BatchNorm (its design), "
+                "hence its slightly larger counts; ours has one shared embedding table with a padding row.")
+    return ("torch-rechub's MLPs add BatchNorm after every linear layer (its design; gates included) and ours "
+            "has none (`model.batch_norm: false`), hence its slightly larger counts; ours has one shared "
+            "embedding table with a padding row.")
+
+
 def render(summary: dict[str, Any], meta: dict[str, Any], tasks: list[str]) -> str:
     a = meta["args"]
     lines = [START, "",
@@ -311,12 +321,11 @@ def render(summary: dict[str, Any], meta: dict[str, Any], tasks: list[str]) -> s
              f"**Model sizes (both):** experts / bottom {meta['model']['expert_hidden']}, towers "
              f"{meta['model']['tower_hidden']}, MMoE {meta['model']['n_experts']} experts, CGC/PLE "
              f"{meta['model']['n_shared_experts']} shared + {meta['model']['n_task_experts']} per-task experts, PLE "
-             f"{meta['model']['levels']} levels (rechub `PLE(n_level=1)` for CGC). torch-rechub's MLPs add "
-             "BatchNorm after every linear layer (its design; gates included), hence its slightly larger counts; "
-             "ours has one shared embedding table with a padding row.",
+             f"{meta['model']['levels']} levels (rechub `PLE(n_level=1)` for CGC). " + bn_note(meta["model"]),
              "",
              f"**Machine:** {meta['machine']}. Shared with other engineers' test runs, so timings are noisy: "
-             "throughput is the **median** over seeds; load average at start / end "
+             "throughput is the **median** over seeds (per-seed ratios are paired runs, back to back); load average at "
+             "start / end "
              f"{meta['loadavg_start']} / {meta['loadavg_end']}.",
              "",
              "### Test AUC (mean ± std over seeds)", "",
