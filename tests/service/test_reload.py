@@ -184,3 +184,36 @@ def test_pubsub_reload_and_broadcast(tmp_path: Path, make_bundle, start_server, 
         assert out["active"] == v2 and out["receivers"] == 1
         text = c.get("/metrics").text
         assert metric(text, "mtrank_model_reloads_total", result="success", trigger="pubsub") >= 2
+
+
+def test_dropped_model_is_freed_once_no_request_holds_it(tmp_path: Path, make_bundle) -> None:
+    """Registry keeps current + previous; an older model lives exactly as long as a request holds it."""
+    import gc
+    import weakref
+
+    from service.feature_store import StoreResult
+    from service.metrics import Metrics
+    from service.registry import Registry
+    from service.scorer import RankInput, rank
+    from service.settings import Settings
+
+    for v in ("v1", "v2", "v3"):
+        make_bundle(tmp_path, version=v, activate=False)
+    reg = Registry(Settings(bundles_dir=tmp_path), Metrics())
+    reg.reload("v1")
+    in_flight = reg.current  # what a /rank handler holds from its start to its end
+    model_ref, session_ref = weakref.ref(in_flight), weakref.ref(in_flight.session)
+    reg.reload("v2")
+    reg.reload("v3")
+    assert reg.loaded_versions() == ["v3", "v2"]
+    gc.collect()
+    assert model_ref() is not None  # still held by the request: it finishes on the model it started with
+    body = rank_body(4)
+    inp = RankInput(body.get("user_id"), body["context"], [c["item_id"] for c in body["candidates"]],
+                    [c.get("features", {}) for c in body["candidates"]])
+    ranked = rank(in_flight, inp, StoreResult(), in_flight.profiles["default"], None, False)
+    assert in_flight.version == "v1" and len(ranked.order) == 4
+    del in_flight, ranked
+    gc.collect()
+    assert model_ref() is None and session_ref() is None  # the v1 session is released
+    assert reg.current is not None and reg.current.version == "v3"
