@@ -72,7 +72,7 @@ class Candidate(_Req):
 
 
 class RankRequest(_Req):
-    request_id: Id | None = Field(None, description="Generated (uuid4 hex) when absent; joins /feedback")
+    request_id: Id | None = Field(None, description="Generated (32 random hex digits) when absent; joins /feedback")
     user_id: Id | None = Field(None, description="Feeds a user feature named user_id; keys the feature store and arms")
     context: Features = Field(default_factory=dict, description="User/context-side features by feature name")
     candidates: list[Candidate] = Field(description="Items to rank; empty list -> empty items (200)")
