@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -96,10 +97,17 @@ router = APIRouter()
 # ------------------------------------------------------------------------------------- /rank
 
 
+# Request ids come from a generator of their own (seeded from os.urandom, reseeded in a forked child):
+# the module-level ``random`` is seeded by whoever calls ``random.seed`` in this process (the trainer in
+# ``mtrank demo`` does), which would repeat ids across runs.
+_request_ids = random.Random()
+os.register_at_fork(after_in_child=_request_ids.seed)
+
+
 def new_request_id() -> str:
-    """128 random bits as 32 hex digits. Not ``uuid4()``: its ``os.urandom`` syscall cost ~12% of the event
-    loop's busy time under load. A join key, not a secret; ``random`` reseeds itself in a forked child."""
-    return f"{random.getrandbits(128):032x}"
+    """128 random bits as 32 hex digits: a join key, not a secret. Not ``uuid4()``: its ``os.urandom``
+    syscall per request showed up in a profile of the event loop (A/B in docs/benchmarks.md)."""
+    return f"{_request_ids.getrandbits(128):032x}"
 
 
 def _check_candidates(req: RankRequest, max_candidates: int) -> list[str]:

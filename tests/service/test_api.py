@@ -288,6 +288,19 @@ def test_feedback_bad_input(served, client: httpx.Client, events: list, loc: lis
 # ----------------------------------------------------------------------------------- operations
 
 
+def test_generated_request_ids_ignore_the_global_random_seed() -> None:
+    """`mtrank demo` trains (``random.seed``) and serves in one process: ids must not repeat across runs."""
+    import random
+
+    from service.api import new_request_id
+
+    random.seed(0)
+    first = new_request_id()
+    random.seed(0)
+    second = new_request_id()
+    assert first != second and len(first) == len(second) == 32 and int(first, 16) >= 0
+
+
 def test_ops_endpoints_and_openapi(served, client: httpx.Client) -> None:
     assert client.post("/rank", json=rank_body(2)).status_code == 200
     assert client.get("/healthz").json() == {"status": "ok"}
