@@ -25,11 +25,16 @@ baseline measured in the same run, on the same bundle and the same requests:
    ``--warmup`` seconds) posting /rank with 100 candidates. Configurations alternate for ``--rounds``
    rounds; latencies are pooled over rounds, req/s is the median round. The load generator runs on the
    same 2 cores as the server; its CPU time and the server processes' CPU time are reported.
+4. **A/B** (``--ab BASE_REV [--ab-new REV]``, instead of 2 and 3): the same HTTP run against servers from
+   two git revisions (a detached worktree each; ``--ab-new`` defaults to this working tree), 1 worker with
+   1 intra-op thread, the revisions alternating round by round; prints per-round numbers and a table row
+   (median req/s, median of the paired ratios, p50 and p99).
 
 Usage (from the repository root; OPENBLAS_CORETYPE slows numpy on the benchmark machine, so unset it)::
 
     env -u OPENBLAS_CORETYPE python benchmarks/serve_bench.py            # full run (~5 min), updates the docs
     env -u OPENBLAS_CORETYPE python benchmarks/serve_bench.py --quick    # smoke run (< 1 min), prints only
+    env -u OPENBLAS_CORETYPE python benchmarks/serve_bench.py --ab BASE_REV --ab-new NEW_REV  # ~15 min
 
 Writes raw results to ``--out-json`` and (full runs, or ``--write-docs``) replaces the section between
 ``<!-- serve-bench:start -->`` and ``<!-- serve-bench:end -->`` in ``--docs`` (markers appended at the
@@ -46,7 +51,6 @@ import platform
 import random
 import resource
 import shlex
-import shutil
 import signal
 import socket
 import statistics
@@ -187,15 +191,14 @@ class InprocSize:
     parse: list[float] = field(default_factory=list)  # json.loads + RankRequest validation (what FastAPI does)
     respond: list[float] = field(default_factory=list)  # response_items + pydantic_core.to_json
     predlog: list[float] = field(default_factory=list)  # PredictionLog.put
-    batched: list[float] = field(default_factory=list)  # one session.run over n candidates
+    batched: list[float] = field(default_factory=list)  # one session.run over n candidates, request inputs [1, .]
     per_candidate: list[float] = field(default_factory=list)  # n session.runs of batch 1
-    broadcast: list[float] = field(default_factory=list)  # request inputs [1, .]
     row_aligned: list[float] = field(default_factory=list)  # request inputs repeated to [n, .]
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n, "reps": self.reps}
         for name in ("total", "features", "inference", "rest", "parse", "respond", "predlog", "batched",
-                     "per_candidate", "broadcast", "row_aligned"):
+                     "per_candidate", "row_aligned"):
             values: list[float] = getattr(self, name)
             out[name] = {"median": median(values), "p99": quantile(values, 0.99), "count": len(values)}
         return out
@@ -203,18 +206,14 @@ class InprocSize:
 
 @contextmanager
 def service_gc() -> Iterator[None]:
-    """The GC tuning the service applies after start-up (``service.app``, default ``gc`` settings)."""
+    """The GC tuning the service applies after start-up (``service.app.tune_gc``, default ``gc`` settings)."""
     import gc
 
+    from service.app import tune_gc
     from service.settings import GCSettings
 
-    s = GCSettings()
     old = gc.get_threshold()
-    gc.collect()
-    if s.freeze:
-        gc.freeze()
-    if s.gen0_threshold:
-        gc.set_threshold(s.gen0_threshold, *old[1:])
+    tune_gc(GCSettings())
     try:
         yield
     finally:
@@ -303,7 +302,6 @@ def run_inprocess(bundle_dir: Path, bodies: dict[int, list[bytes]], reps: dict[i
                            for j in range(n)]
                 t3 = time.perf_counter()
                 res.batched.append(t1 - t0)
-                res.broadcast.append(t1 - t0)
                 res.row_aligned.append(t2 - t1)
                 res.per_candidate.append(t3 - t2)
                 if k == 0:  # the three layouts must give the same scores
@@ -327,6 +325,7 @@ class ServerConfig:
     label: str
     workers: int
     env: dict[str, str]
+    tree: Path = ROOT  # the checkout the server's code comes from (--ab: a worktree of another revision)
 
 
 CONFIGS = (
@@ -381,19 +380,17 @@ class Server:
         self.cfg = cfg
         self.port = free_port()
         self.log_path = log_path
-        exe = shutil.which("mtrank")
-        cmd = [exe] if exe else [sys.executable, "-m", "mtrank.cli"]
-        cmd += ["serve", "--bundles", str(bundles), "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "mtrank.cli", "serve", "--bundles", str(bundles), "--port", str(self.port)]
         if cfg.workers > 1:
             cmd += ["--workers", str(cfg.workers)]
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("MTRANK_") and k not in ("PROMETHEUS_MULTIPROC_DIR", "OPENBLAS_CORETYPE")}
-        env.update(cfg.env)
+        env.update(cfg.env, PYTHONPATH=str(cfg.tree))
         if cfg.workers > 1:  # serve() would mkdtemp one (never removed); keep it in the work directory
             env["PROMETHEUS_MULTIPROC_DIR"] = str(prometheus_dir)
         self.cmd = cmd
         self._log = log_path.open("w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=cfg.tree,
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
@@ -473,6 +470,48 @@ def run_http(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workd
     for x in runs:
         x.pop("latencies")  # keep the raw JSON small
     return {"summary": summary, "runs": runs}
+
+
+def checkout(rev: str | None, path: Path) -> Path:
+    """The tree a server runs from: this checkout (None) or a detached git worktree of ``rev`` at ``path``."""
+    if rev is None:
+        return ROOT
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(path), rev], check=True)
+    return path
+
+
+def run_ab(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workdir: Path) -> str:
+    """``--ab BASE [--ab-new NEW]``: 1 worker, 1 intra-op thread, the two revisions alternating round by
+    round; returns the report (per round, then medians and the median of the paired req/s ratios)."""
+    bodies_path = workdir / "bodies-http.jsonl"
+    bodies_path.write_bytes(b"\n".join(bodies) + b"\n")
+    env = {"MTRANK_ONNX__INTRA_OP_THREADS": "1"}
+    cfgs: list[ServerConfig] = []
+    try:
+        for key, rev in (("base", args.ab), ("new", args.ab_new)):
+            cfgs.append(ServerConfig(key, rev or "working tree", 1, env, checkout(rev, workdir / f"tree-{key}")))
+        rounds = [[run_http_config(cfg, bundles, bodies_path, args, workdir, r) for cfg in cfgs]
+                  for r in range(args.rounds)]
+    finally:
+        for cfg in cfgs:
+            if cfg.tree != ROOT:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(cfg.tree)], check=False)
+
+    def stats(run: dict[str, Any]) -> tuple[float, float, float]:
+        if run["errors"] or run["exceptions"]:
+            raise RuntimeError(f"{run['config']} round {run['round']}: {run['errors']} errors, {run['exceptions']} exceptions")
+        lat = run["latencies"]
+        return run["requests"] / run["elapsed_s"], quantile(lat, 0.5), quantile(lat, 0.99)
+
+    table = [[stats(run) for run in r] for r in rounds]  # [round][side] -> (req/s, p50 s, p99 s)
+    lines = [f"round {r + 1}: " + "; ".join(f"{cfg.key} {rps:.1f} req/s, p50 {ms(p50)} ms, p99 {ms(p99)} ms"
+                                          for cfg, (rps, p50, p99) in zip(cfgs, row)) for r, row in enumerate(table)]
+    med = [[median([row[k][i] for row in table]) for i in range(3)] for k in range(2)]  # [side][stat]
+    ratio = median([row[1][0] / row[0][0] for row in table])
+    lines.append(f"| {cfgs[0].label} → {cfgs[1].label} | {med[0][0]:.1f} → {med[1][0]:.1f} | **{ratio:.2f}×** | "
+                 f"{ms(med[0][1])} → {ms(med[1][1])} | {ms(med[0][2])} → {ms(med[1][2])} |  "
+                 f"(req/s base → new, median of {args.rounds}; median paired ratio; p50 ms; p99 ms: medians of rounds)")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ load generator
@@ -683,7 +722,7 @@ def render(meta: dict[str, Any], inproc: dict[str, Any] | None, http: dict[str, 
         for s in sizes:
             lines.append(f"| {s['n']} | {s['batched']['count']} | {ms(s['batched']['median'])} | "
                          f"{ms(s['per_candidate']['median'])} | {_ratio(s['batched']['median'], s['per_candidate']['median'])} | "
-                         f"{ms(s['row_aligned']['median'])} | {_ratio(s['broadcast']['median'], s['row_aligned']['median'])} |")
+                         f"{ms(s['row_aligned']['median'])} | {_ratio(s['batched']['median'], s['row_aligned']['median'])} |")
     if http is not None:
         hs = http["summary"]
         a, b, g = hs["A"], hs["B"], hs["G"]
@@ -763,11 +802,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file to update")
     ap.add_argument("--no-docs", action="store_true", help="do not touch the docs file")
     ap.add_argument("--write-docs", action="store_true", help="update the docs even with --quick")
+    ap.add_argument("--ab", metavar="BASE_REV", help="A/B instead: /rank served by BASE_REV vs --ab-new, alternating "
+                    "(1 worker, 1 intra-op thread; prints, docs untouched; --rounds default 7)")
+    ap.add_argument("--ab-new", metavar="REV", help="the other side of --ab (default: this working tree)")
     args = ap.parse_args(argv)
     q = args.quick
     args.duration = args.duration if args.duration is not None else (2.0 if q else 20.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if q else 3.0)
-    args.rounds = args.rounds if args.rounds is not None else (1 if q else 2)
+    args.rounds = args.rounds if args.rounds is not None else (1 if q else 7 if args.ab else 2)
     args.epochs = args.epochs if args.epochs is not None else (1 if q else 2)
     if args.concurrency < 1 or args.rounds < 1 or args.duration <= 0 or args.max_requests < 1:
         ap.error("--concurrency, --rounds, --max-requests must be >= 1 and --duration > 0")
@@ -798,6 +840,9 @@ def main(argv: list[str]) -> int:
             from model.synthetic import write  # a reused bundle dir without its data (numpy + pandas only)
 
             write(data, 50_000, seed=SEED)
+        if args.ab:
+            print(run_ab(bundle_dir.parent, request_bodies(data, HTTP_CANDIDATES, BODY_POOL, SEED), args, workdir))
+            return 0
         bodies = {n: request_bodies(data, n, BODY_POOL, SEED) for n in SIZES}
         manifest = json.loads((bundle_dir / "manifest.json").read_text())
         meta: dict[str, Any] = {

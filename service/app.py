@@ -34,7 +34,7 @@ from service.feedback import FeedbackStore, PredictionLog
 from service.metrics import Metrics, MetricsMiddleware, multiprocess_dir
 from service.registry import Registry, ReloadError
 from service.scorer import InputError
-from service.settings import Settings
+from service.settings import GCSettings, Settings
 
 log = logging.getLogger("mtrank.service")
 
@@ -89,6 +89,15 @@ async def _input_error(request: Request, exc: InputError) -> JSONResponse:
     return JSONResponse(_error_body([{"loc": exc.loc, "msg": exc.msg, "type": exc.kind}]), status_code=422)
 
 
+def tune_gc(s: GCSettings) -> None:
+    """The post-start-up GC tuning described in the module docstring."""
+    if s.freeze:
+        gc.collect()
+        gc.freeze()
+    if s.gen0_threshold:
+        gc.set_threshold(s.gen0_threshold, *gc.get_threshold()[1:])
+
+
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     store = build_feature_store(settings.feature_store, metrics)
@@ -108,11 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
             await store.close()
             raise ConfigError(f"start-up: {err}") from None
         registry.start()
-        if settings.gc.freeze:
-            gc.collect()
-            gc.freeze()
-        if settings.gc.gen0_threshold:
-            gc.set_threshold(settings.gc.gen0_threshold, *gc.get_threshold()[1:])
+        tune_gc(settings.gc)
         try:
             yield
         finally:
