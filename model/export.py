@@ -39,7 +39,7 @@ from mtrank.bundle import (
     write_bundle,
     write_current,
 )
-from mtrank.metrics import auc
+from mtrank.metrics import auc, bin_index, equal_width_edges
 
 OPSET = 17
 PARITY_ATOL = 1e-5
@@ -91,17 +91,18 @@ def check_parity(model: MultiTaskRanker, onnx_out: dict[str, np.ndarray], scores
     return worst
 
 
-def score_histograms(model: MultiTaskRanker, scores: dict[str, np.ndarray], types: dict[str, str]) -> dict[str, Histogram]:
+def score_histograms(names: list[str], scores: dict[str, np.ndarray], types: dict[str, str]) -> dict[str, Histogram]:
+    """Per name: equal-width bins on [0, 1] (binary) or quantile edges (regression) and their counts."""
     hists = {}
-    for name in model.output_names:
+    for name in names:
         s = scores[name]
         if types.get(name, "binary") == "binary":
-            edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+            edges = equal_width_edges(HIST_BINS)
         else:
             edges = np.unique(np.quantile(s, np.linspace(0, 1, HIST_BINS + 1)))
             if len(edges) < 2:
                 edges = np.array([s.min(), s.min() + 1.0])
-        counts, _ = np.histogram(np.clip(s, edges[0], edges[-1]), bins=edges)
+        counts = np.bincount(bin_index(s, edges), minlength=len(edges) - 1)  # the service bins live scores alike
         hists[name] = Histogram(edges=edges.tolist(), counts=counts.tolist())
     return hists
 
@@ -156,10 +157,12 @@ def export_run(run_dir: str | Path, bundles_dir: str | Path, version: str | None
             calibration[t.name] = fit_calibration(onnx_out[f"p_{t.name}"][m], val.labels[m, k], seed=cfg.train.seed)
 
     g_stats = gate_stats(model, {g.name: onnx_out[g.name] for g in model.gate_specs})
+    served = {n: calibration[n].apply(onnx_out[f"p_{n}"]) for n in calibration}
     reference = Reference(
         gate_mean={k: v["mean"] for k, v in g_stats.items()},
         gate_entropy={k: v["entropy"] for k, v in g_stats.items()},
-        score_hist=score_histograms(model, {n: onnx_out[f"p_{n}"] for n in model.output_names}, types),
+        score_hist=score_histograms(model.output_names, {n: onnx_out[f"p_{n}"] for n in model.output_names}, types),
+        calibrated_score_hist=score_histograms(list(served), served, types),
     )
     golden_rows = {k: v[:N_GOLDEN] for k, v in val.inputs.items()}
     # Run the golden rows on their own: int8 dynamic quantisation scales activations per batch.

@@ -91,6 +91,8 @@ class Reference(_M):
     gate_mean: dict[str, list[float]] = {}  # gate output -> mean weight per expert
     gate_entropy: dict[str, float] = {}  # gate output -> mean entropy (nats)
     score_hist: dict[str, Histogram] = {}  # task -> histogram of raw scores
+    # binary task -> histogram of calibrated scores (what the service serves; its drift baseline)
+    calibrated_score_hist: dict[str, Histogram] = {}
 
 
 class Quantization(_M):

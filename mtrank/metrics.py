@@ -14,12 +14,15 @@ Python loop over rows or groups (1M rows in 100k string-keyed groups take well u
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["auc", "binary_metrics", "ece", "gauc", "logloss", "mae", "mse", "regression_metrics", "reliability"]
+__all__ = ["auc", "average_ranks", "bin_index", "bin_sums", "binary_metrics", "ece", "ece_from_sums", "equal_width_edges", "gauc",
+           "js_divergence", "logloss", "mae", "mse", "normalised_entropy", "psi", "regression_metrics", "reliability",
+           "spearman"]
 
 NAN = float("nan")
 
@@ -181,16 +184,40 @@ def mae(y: ArrayLike, p: ArrayLike) -> float:
 # --------------------------------------------------------------------------- calibration
 
 
-def _bin_sums(y: ArrayLike, p: ArrayLike, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Equal-width bins on [0, 1] (1.0 falls in the last bin): (count, sum of p, sum of y) per bin."""
+def equal_width_edges(n_bins: int) -> np.ndarray:
+    """``n_bins + 1`` equal-width bin edges on [0, 1] (float64)."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be positive, got {n_bins}")
+    return np.linspace(0.0, 1.0, n_bins + 1)
+
+
+def bin_index(p: ArrayLike, edges: ArrayLike) -> np.ndarray:
+    """Bin of each value for ascending ``edges`` [B + 1]: bin b holds ``edges[b] <= p < edges[b + 1]``.
+
+    The last bin is closed (``p == edges[-1]`` falls in it) and values outside the edges are clipped
+    into the first or last bin, so every value lands somewhere. Returns int64 [n]. The one binning
+    rule of the project: reliability diagrams, ECE, the service's calibration buckets and PSI bins.
+    """
+    e = np.asarray(edges, dtype=np.float64)
+    return np.searchsorted(e[1:-1], np.asarray(p, dtype=np.float64), side="right").astype(np.int64, copy=False)
+
+
+def bin_sums(y: ArrayLike, p: ArrayLike, edges: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin of ``edges``: (count int64 [B], sum of p float64 [B], sum of y float64 [B])."""
     y_arr, p_arr = _pair(y, p)
-    idx = np.clip(np.floor(p_arr * n_bins).astype(np.int64), 0, n_bins - 1)
+    n_bins = len(edges) - 1
+    idx = bin_index(p_arr, edges)
     count = np.bincount(idx, minlength=n_bins)
     sum_p = np.bincount(idx, weights=p_arr, minlength=n_bins)
     sum_y = np.bincount(idx, weights=y_arr, minlength=n_bins)
     return count, sum_p, sum_y
+
+
+def ece_from_sums(count: ArrayLike, sum_p: ArrayLike, sum_y: ArrayLike) -> float:
+    """ECE from per-bin sums: ``sum_b |sum_p_b - sum_y_b| / N`` (= ``sum_b (n_b/N) |mean_p_b - mean_y_b|``); nan if empty."""
+    total = float(np.sum(count))
+    diff = np.abs(np.asarray(sum_p, dtype=np.float64) - np.asarray(sum_y, dtype=np.float64))
+    return float(diff.sum() / total) if total > 0 else NAN
 
 
 def reliability(y: ArrayLike, p: ArrayLike, n_bins: int = 10) -> list[dict[str, Any]]:
@@ -199,22 +226,93 @@ def reliability(y: ArrayLike, p: ArrayLike, n_bins: int = 10) -> list[dict[str, 
     One dict per bin, in bin order (the ``reliability`` list of ``metrics.json``); the means of an
     empty bin are ``nan``.
     """
-    count, sum_p, sum_y = _bin_sums(y, p, n_bins)
+    edges = equal_width_edges(n_bins)
+    count, sum_p, sum_y = bin_sums(y, p, edges)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_pred = sum_p / count
         mean_obs = sum_y / count
-    bins = np.arange(n_bins, dtype=np.float64)
-    columns = {"lower": (bins / n_bins).tolist(), "upper": ((bins + 1) / n_bins).tolist(), "count": count.tolist(),
+    columns = {"lower": edges[:-1].tolist(), "upper": edges[1:].tolist(), "count": count.tolist(),
                "mean_pred": mean_pred.tolist(), "mean_obs": mean_obs.tolist()}
     return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
 
 def ece(y: ArrayLike, p: ArrayLike, n_bins: int = 10) -> float:
     """Expected calibration error: ``sum_b (n_b / N) * |mean_pred_b - mean_obs_b|``; ``nan`` if empty."""
-    count, sum_p, sum_y = _bin_sums(y, p, n_bins)
-    total = int(count.sum())
-    # (n_b / N) * |sum_p_b / n_b - sum_y_b / n_b| == |sum_p_b - sum_y_b| / N, and 0 for empty bins
-    return float(np.abs(sum_p - sum_y).sum() / total) if total else NAN
+    return ece_from_sums(*bin_sums(y, p, equal_width_edges(n_bins)))
+
+
+# ----------------------------------------------------------------------- monitoring (drift)
+
+
+def psi(expected: ArrayLike, actual: ArrayLike, eps: float = 1e-4) -> float:
+    """Population stability index of bin counts ``actual`` against ``expected`` (same bins).
+
+    ``sum_b (a_b - e_b) * ln(a_b / e_b)`` over the two count vectors normalised to proportions,
+    each proportion floored at ``eps`` so an empty bin costs a large but finite amount. ``nan`` when
+    either side has no counts. Rule of thumb: < 0.1 stable, 0.1-0.2 moderate, > 0.2 shifted.
+    """
+    e = np.asarray(expected, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    if e.shape != a.shape:
+        raise ValueError(f"expected and actual differ in bins: {e.size} != {a.size}")
+    if e.sum() <= 0 or a.sum() <= 0:
+        return NAN
+    pe = np.maximum(e / e.sum(), eps)
+    pa = np.maximum(a / a.sum(), eps)
+    return float(np.sum((pa - pe) * np.log(pa / pe)))
+
+
+def js_divergence(p: ArrayLike, q: ArrayLike) -> float:
+    """Jensen-Shannon divergence in bits (0 = equal, 1 = disjoint) of two distributions (normalised here)."""
+    pa = np.asarray(p, dtype=np.float64)
+    qa = np.asarray(q, dtype=np.float64)
+    if pa.shape != qa.shape:
+        raise ValueError(f"distributions differ in length: {pa.size} != {qa.size}")
+    if pa.sum() <= 0 or qa.sum() <= 0:
+        return NAN
+    pa, qa = pa / pa.sum(), qa / qa.sum()
+    m = 0.5 * (pa + qa)
+
+    def kl(x: np.ndarray) -> float:
+        nz = x > 0
+        return float(np.sum(x[nz] * np.log2(x[nz] / m[nz])))
+
+    return max(0.0, 0.5 * kl(pa) + 0.5 * kl(qa))
+
+
+def average_ranks(x: ArrayLike) -> np.ndarray:
+    """1-based ranks of ``x`` [n], ties sharing their average rank (float64 [n])."""
+    v = np.asarray(x, dtype=np.float64).ravel()
+    n = v.size
+    order = np.argsort(v, kind="stable")
+    vs = v[order]
+    new = np.empty(n, dtype=bool)
+    new[:1] = True
+    np.not_equal(vs[1:], vs[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.append(starts, n))
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = np.repeat(starts + (sizes + 1) / 2.0, sizes)
+    return ranks
+
+
+def spearman(x: ArrayLike, y: ArrayLike) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks); ``nan`` if either side is constant."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    if rx.shape != ry.shape:
+        raise ValueError(f"x and y differ in length: {rx.size} != {ry.size}")
+    dx, dy = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt(float(dx @ dx) * float(dy @ dy))
+    return float(dx @ dy / denom) if denom > 0 else NAN
+
+
+def normalised_entropy(w: np.ndarray) -> np.ndarray:
+    """Entropy of each row of weights [n, m] divided by ``ln m``: [n] in [0, 1] (1 = uniform; 0 when m = 1)."""
+    m = w.shape[-1]
+    if m < 2:
+        return np.zeros(w.shape[:-1])
+    x = np.clip(w.astype(np.float64, copy=False), 1e-12, 1.0)
+    return -np.einsum("nm,nm->n", x, np.log(x)) / np.log(m)
 
 
 # ------------------------------------------------------------------------------- reports
