@@ -190,7 +190,7 @@ class InprocSize:
     rest: list[float] = field(default_factory=list)  # calibration + fusion + argsort (rank() minus the timed stages)
     parse: list[float] = field(default_factory=list)  # json.loads + RankRequest validation (what FastAPI does)
     respond: list[float] = field(default_factory=list)  # response_items + pydantic_core.to_json
-    predlog: list[float] = field(default_factory=list)  # PredictionLog.put
+    predlog: list[float] = field(default_factory=list)  # JoinStore.put (memory backend)
     batched: list[float] = field(default_factory=list)  # one session.run over n candidates, request inputs [1, .]
     per_candidate: list[float] = field(default_factory=list)  # n session.runs of batch 1
     row_aligned: list[float] = field(default_factory=list)  # request inputs repeated to [n, .]
@@ -233,7 +233,7 @@ def run_inprocess(bundle_dir: Path, bodies: dict[int, list[bytes]], reps: dict[i
     import pydantic_core
 
     from service.feature_store import StoreResult
-    from service.feedback import PredictionLog
+    from service.feedback.memory import MemoryJoinStore
     from service.schemas import RankRequest
     from service.scorer import Model, RankInput, rank, response_items
     from service.settings import FeedbackSettings, FusionSettings, OnnxSettings, Settings
@@ -244,7 +244,7 @@ def run_inprocess(bundle_dir: Path, bodies: dict[int, list[bytes]], reps: dict[i
     fusion = model.profiles[settings.fusion.default]  # what _choose_fusion picks: no experiments, no request fusion
     reject = settings.limits.unknown_features == "reject"
     fb = FeedbackSettings()
-    predictions = PredictionLog(fb.prediction_requests, fb.prediction_ttl_s, fb.prediction_items)
+    predictions = MemoryJoinStore(fb.prediction_ttl_s, fb.prediction_requests, fb.prediction_items, fb.max_events)
     session = model.session
     results: dict[int, InprocSize] = {}
     shapes: dict[str, list[int]] = {}
@@ -281,7 +281,7 @@ def run_inprocess(bundle_dir: Path, bodies: dict[int, list[bytes]], reps: dict[i
                     {**base, "items": response_items(inp.item_ids, ranked, model.task_names, req.raw_scores,
                                                      req.return_task_scores)})))
                 res.predlog.append(_clock(lambda ranked=ranked, inp=inp, key=f"r{n}-{k}": predictions.put(
-                    key, model.version, inp.item_ids, model.task_names, ranked.scored.raw,
+                    key, model.version, "default", inp.item_ids, model.task_names, ranked.scored.raw,
                     ranked.scored.calibrated)))
 
             # Baselines on the raw session, same encoded inputs; the variants alternate rep by rep.
@@ -704,7 +704,7 @@ def render(meta: dict[str, Any], inproc: dict[str, Any] | None, http: dict[str, 
                          f"{1e6 * s['total']['median'] / s['n']:.1f} |")
         lines += ["", "The handler's other work on the same requests, same process (not in `rank()`; runs on the "
                   "event loop): parsing = `json.loads` + `RankRequest` validation (what FastAPI does with the body), "
-                  "response = `response_items` + `pydantic_core.to_json`, prediction log = `PredictionLog.put`. "
+                  "response = `response_items` + `pydantic_core.to_json`, prediction log = `JoinStore.put` (memory backend). "
                   "Medians in ms; the last column compares them with `rank()` itself.", "",
                   "| candidates | parse p50 | response p50 | prediction log p50 | (parse + response + log) / rank |",
                   "|---:|---:|---:|---:|---:|"]

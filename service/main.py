@@ -4,7 +4,9 @@ With ``workers > 1`` uvicorn spawns worker processes that build the app from the
 (``app_from_env``): ``serve`` exports the explicit arguments as ``MTRANK_*`` variables and the
 config path as ``MTRANK_CONFIG``, and turns on Prometheus multiprocess mode
 (``PROMETHEUS_MULTIPROC_DIR``; a fresh temporary directory unless one is set, whose stale files are
-cleared) so ``/metrics`` on any worker reports all of them.
+cleared) so ``/metrics`` on any worker reports all of them. Unless Redis or a file is configured for the
+feedback join (``feedback.*``), the workers share a SQLite file in a fresh temporary directory
+(``MTRANK_FEEDBACK__SQLITE_PATH``) so feedback joins whichever worker ranked the request.
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ def _multiprocess_dir() -> None:
         f.unlink(missing_ok=True)
 
 
+def _shared_feedback_file(settings: Settings) -> None:
+    """Workers share one SQLite file for the feedback join unless Redis or a file is configured (or memory asked)."""
+    from service.feedback import resolve_backend
+
+    if resolve_backend(settings) == "memory" and settings.feedback.backend == "auto":
+        path = Path(tempfile.mkdtemp(prefix="mtrank-feedback-")) / "join.sqlite3"
+        os.environ["MTRANK_FEEDBACK__SQLITE_PATH"] = str(path)
+
+
 def serve(bundles_dir: str | Path, host: str | None = None, port: int | None = None,
           config_path: str | Path | None = None, workers: int | None = None) -> None:
     """Serve ``bundles_dir`` over HTTP until interrupted. Arguments given win over env, env over the config file."""
@@ -65,6 +76,7 @@ def serve(bundles_dir: str | Path, host: str | None = None, port: int | None = N
         if config_path:
             os.environ["MTRANK_CONFIG"] = str(Path(config_path).resolve())
         _multiprocess_dir()
+        _shared_feedback_file(settings)
         uvicorn.run("service.main:app_from_env", factory=True, workers=settings.workers, **common)
     else:
         uvicorn.run(create_app(settings), **common)
