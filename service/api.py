@@ -1,4 +1,4 @@
-"""HTTP routes: /rank, /feedback, /models, /healthz, /readyz, /metrics, /admin/reload, /admin/rollback.
+"""HTTP routes: /rank, /feedback, /models, /routing, /healthz, /readyz, /metrics, /admin/*.
 
 Handlers get what they need through dependencies (``Depends``): the app's :class:`Services`, the
 model serving *at the start of the request* (a reload during the request does not affect it), and
@@ -11,20 +11,23 @@ import asyncio
 import hmac
 import os
 import random
-from collections.abc import Callable
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import pydantic_core
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.background import BackgroundTask
 
 from service import fusion as fusion_mod
-from service.feature_store import FeatureStore
-from service.feedback import FeedbackStore, PredictionLog
+from service.feature_store import FeatureStore, StoreResult
+from service.feedback import JoinStore, JoinStoreUnavailable
 from service.metrics import Metrics
+from service.monitor import Monitor
+from service.observe import Observability
 from service.registry import Registry, ReloadError
 from service.schemas import (
     ErrorResponse,
@@ -35,11 +38,13 @@ from service.schemas import (
     RankResponse,
     ReloadRequest,
     ReloadResponse,
+    RoutingResponse,
+    ShadowRequest,
+    ShadowResponse,
 )
-from service.scorer import InputError, Model, RankInput, Scored, rank, response_items
+from service.scorer import InputError, Model, Ranked, RankInput, rank, response_items
 from service.settings import Settings
-
-GateObserver = Callable[[Model, Scored], None]
+from service.shadow import Shadow
 
 
 @dataclass
@@ -48,12 +53,11 @@ class Services:
     metrics: Metrics
     registry: Registry
     store: FeatureStore
-    predictions: PredictionLog
-    feedback: FeedbackStore
-    executor: ThreadPoolExecutor
-    # Observability hook: called after each /rank with the model and its scores (raw, calibrated,
-    # gate weights [n, m]); runs on the event loop, so keep it cheap (e.g. accumulate means).
-    observers: list[GateObserver] = field(default_factory=list)
+    joins: JoinStore  # prediction log + feedback (shared by workers / replicas, see service.feedback)
+    executor: ThreadPoolExecutor  # encode + inference + statistics + prediction log, off the event loop
+    obs: Observability
+    monitor: Monitor
+    shadow: Shadow
 
 
 # Dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in a thread pool, two
@@ -139,10 +143,10 @@ def _choose_fusion(svc: Services, model: Model, req: RankRequest, request_id: st
     return model.profiles[profile], profile, arm
 
 
-def _json(body: dict[str, Any]) -> Response:
+def _json(body: dict[str, Any], background: BackgroundTask | None = None) -> Response:
     """Serialise a response we built ourselves (shape = RankResponse) straight to JSON bytes in
     pydantic-core: ~4x cheaper than re-validating 1000 items against the response model."""
-    return Response(pydantic_core.to_json(body), media_type="application/json")
+    return Response(pydantic_core.to_json(body), media_type="application/json", background=background)
 
 
 @router.post("/rank", response_model=RankResponse, responses=_ERRORS, tags=["ranking"],
@@ -164,28 +168,46 @@ async def rank_items(req: RankRequest, svc: ServicesDep, model: ModelDep) -> Res
         return _json({**base, "degraded": False, "items": []})
     store = await svc.store.fetch(req.user_id, item_ids, model.has_user_features, model.has_item_features)
     inp = RankInput(req.user_id, req.context, item_ids, [c.features for c in req.candidates])
-    reject = svc.settings.limits.unknown_features == "reject"
     loop = asyncio.get_running_loop()
-    ranked = await loop.run_in_executor(svc.executor, rank, model, inp, store, fusion, req.top_k, reject)
+    ranked = await loop.run_in_executor(svc.executor, _rank_observed, svc, model, inp, store, fusion, req.top_k, arm,
+                                        request_id)
     for stage, seconds in ranked.scored.timings.items():
         svc.metrics.stage.labels(stage).observe(seconds)
-    svc.predictions.put(request_id, model.version, item_ids, model.task_names, ranked.scored.raw,
-                        ranked.scored.calibrated)
-    for observe in svc.observers:
-        observe(model, ranked.scored)
     items = response_items(item_ids, ranked, model.task_names, req.raw_scores, req.return_task_scores)
-    return _json({**base, "degraded": store.degraded, "items": items})
+    after = BackgroundTask(_after_rank, svc, inp, store, fusion_name, ranked)
+    return _json({**base, "degraded": store.degraded, "items": items}, after)
+
+
+def _rank_observed(svc: Services, model: Model, inp: RankInput, store: StoreResult, fusion: fusion_mod.Fusion,
+                   top_k: int | None, arm: str | None, request_id: str) -> Ranked:
+    """Inference thread: rank; the model's statistics (``service.observe``) from the same arrays; the
+    prediction-log write, before the response, so feedback sent right after it joins."""
+    ranked = rank(model, inp, store, fusion, top_k, svc.settings.limits.unknown_features == "reject")
+    sc = ranked.scored
+    t0 = time.perf_counter()
+    svc.obs.observe(model, sc, len(inp.item_ids), arm, len(ranked.order))
+    t1 = time.perf_counter()
+    svc.joins.put(request_id, model.version, arm, inp.item_ids, model.task_names, sc.raw, sc.calibrated)
+    sc.timings["observe"], sc.timings["log"] = t1 - t0, time.perf_counter() - t1
+    return ranked
+
+
+async def _after_rank(svc: Services, inp: RankInput, store: StoreResult, fusion: str, ranked: Ranked) -> None:
+    """After the response is sent: offer the request to the shadow (O(1); a full queue drops it)."""
+    svc.shadow.offer(inp, store, fusion, ranked)
 
 
 # ---------------------------------------------------------------------------------- /feedback
 
 
-@router.post("/feedback", response_model=FeedbackResponse, responses=_ERRORS, tags=["ranking"],
+@router.post("/feedback", response_model=FeedbackResponse, tags=["ranking"],
+             responses={**_ERRORS, 503: {"model": ErrorResponse, "description": "No model, or the feedback store is unavailable"}},
              summary="Record labels for ranked items")
 async def feedback(body: FeedbackRequest, svc: ServicesDep, model: ModelDep) -> FeedbackResponse:
     """Labels must name tasks of the active bundle (binary tasks: 0 or 1). The whole batch is
-    validated before anything is stored. Duplicates (no new label for a (request_id, item_id)) are
-    counted, not stored twice."""
+    validated before anything is stored. A (request, item, task) label counts once, on any worker or
+    replica: an event adding no new label is a duplicate. Joined labels feed the calibration and
+    experiment counters."""
     limit = svc.settings.limits.max_feedback_events
     if len(body.events) > limit:
         raise InputError(("body", "events"), f"{len(body.events)} events exceed the limit of {limit}")
@@ -198,7 +220,12 @@ async def feedback(body: FeedbackRequest, svc: ServicesDep, model: ModelDep) -> 
             if model.task_types.get(task, "binary") == "binary" and value not in (0.0, 1.0):
                 raise InputError(("body", "events", i, "labels", task), f"binary task label must be 0 or 1, got {value}")
         events.append((ev.request_id, ev.item_id, dict(ev.labels)))
-    res = svc.feedback.ingest(events)
+    try:
+        res = await run_in_threadpool(svc.joins.ingest, events)
+    except JoinStoreUnavailable as err:
+        raise HTTPException(503, detail=f"feedback store unavailable; retry (labels already recorded count as duplicates): {err}") from None
+    binary = frozenset(t for t, kind in model.task_types.items() if kind == "binary")
+    svc.obs.observe_feedback(res.labels, binary)
     m = svc.metrics.feedback
     if res.accepted:
         m.labels("accepted").inc(res.accepted)
@@ -217,13 +244,24 @@ async def feedback(body: FeedbackRequest, svc: ServicesDep, model: ModelDep) -> 
 @router.get("/models", response_model=ModelsResponse, tags=["operations"], summary="Loaded model versions")
 async def models(svc: ServicesDep) -> Any:
     reg = svc.registry
-    cur, prev = reg.current, reg.previous
+    cur, prev, shadow = reg.current, reg.previous, reg.shadow
     tasks = [] if cur is None else [
         {"name": t.name, "type": t.type, "derived": t.derived, "calibrated": t.name in cur.calibration}
         for t in cur.manifest.tasks]
+    shadow_info = None if shadow is None else {
+        "version": shadow.version, "arch": shadow.manifest.arch, "sample": svc.settings.shadow.sample,
+        "queue_size": svc.settings.shadow.queue_size, "pending": svc.shadow.worker.pending()}
     return {"active": cur.version if cur else None, "previous": prev.version if prev else None,
-            "loaded": reg.loaded_versions(), "current_pointer": reg.pointer(), "available": reg.available(),
-            "tasks": tasks, "last_error": reg.last_error, "last_reload": reg.last_reload}
+            "shadow": shadow_info, "loaded": reg.loaded_versions(), "current_pointer": reg.pointer(),
+            "available": reg.available(), "tasks": tasks, "last_error": reg.last_error, "last_reload": reg.last_reload}
+
+
+@router.get("/routing", response_model=RoutingResponse, tags=["operations"],
+            summary="Routing checks, score drift and calibration over the monitoring window")
+async def routing(svc: ServicesDep) -> Any:
+    """Re-evaluates the window (all workers of this host) and returns, per gate of the active bundle,
+    live and reference mean expert weights, entropy, and each check's value, threshold and status."""
+    return await run_in_threadpool(svc.monitor.evaluate)
 
 
 @router.get("/healthz", tags=["operations"], summary="Liveness")
@@ -285,3 +323,24 @@ async def admin_rollback(svc: ServicesDep) -> Any:
     except ReloadError as err:
         raise HTTPException(404, detail=str(err)) from None
     return _outcome(outcome)
+
+
+@router.put("/admin/shadow", response_model=ShadowResponse, tags=["admin"], summary="Set the shadow model",
+            dependencies=[Depends(require_admin)],
+            responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                       409: {"model": ErrorResponse, "description": "The bundle failed a check; no shadow change"}})
+async def admin_set_shadow(svc: ServicesDep, body: ShadowRequest) -> Any:
+    """Loads ``version`` (verified and warmed like any bundle) into the shadow slot of this worker;
+    ``shadow.sample`` of the traffic is then scored by it after each response."""
+    try:
+        before = await run_in_threadpool(svc.registry.set_shadow, body.version)
+    except ReloadError as err:
+        raise HTTPException(404 if err.not_found else 409, detail=str(err)) from None
+    return {"shadow": body.version, "previous_shadow": before}
+
+
+@router.delete("/admin/shadow", response_model=ShadowResponse, tags=["admin"], summary="Clear the shadow model",
+               dependencies=[Depends(require_admin)], responses={403: {"model": ErrorResponse}})
+async def admin_clear_shadow(svc: ServicesDep) -> Any:
+    before = await run_in_threadpool(svc.registry.set_shadow, None)
+    return {"shadow": None, "previous_shadow": before}

@@ -1,8 +1,9 @@
 """The FastAPI application: wiring, lifespan, middleware and error handlers.
 
-``create_app(settings)`` builds every component (metrics, feature store, registry, feedback,
-inference executor); the lifespan starts them: feature-store connection, the initial bundle load
-(off the event loop), the reload poller and pub/sub listener, then the GC tuning:
+``create_app(settings)`` builds every component (metrics, feature store, registry, join store,
+inference executor, observability, monitor, shadow); the lifespan starts them: feature-store
+connection, the initial bundle load (off the event loop), the reload poller and pub/sub listener,
+the monitor thread, then the GC tuning:
 
 * ``gc.freeze()`` moves everything alive after start-up (modules, the model, settings) to a
   permanent generation the collector never scans again;
@@ -30,11 +31,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mtrank.config import ConfigError
 from service.api import Services, router
 from service.feature_store import build_feature_store
-from service.feedback import FeedbackStore, PredictionLog
+from service.feedback import build_join_store
 from service.metrics import Metrics, MetricsMiddleware, multiprocess_dir
+from service.monitor import Monitor
+from service.observe import Observability
 from service.registry import Registry, ReloadError
 from service.scorer import InputError
 from service.settings import GCSettings, Settings
+from service.shadow import Shadow
 
 log = logging.getLogger("mtrank.service")
 
@@ -102,11 +106,13 @@ def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     store = build_feature_store(settings.feature_store, metrics)
     registry = Registry(settings, metrics)
-    fb = settings.feedback
-    predictions = PredictionLog(fb.prediction_requests, fb.prediction_ttl_s, fb.prediction_items)
-    services = Services(settings=settings, metrics=metrics, registry=registry, store=store, predictions=predictions,
-                        feedback=FeedbackStore(fb.max_events, predictions),
-                        executor=ThreadPoolExecutor(settings.onnx.executor_threads, thread_name_prefix="mtrank-infer"))
+    joins = build_join_store(settings, metrics)
+    obs = Observability(metrics, settings, store.backend)
+    monitor = Monitor(metrics, settings.monitoring, lambda: registry.current)
+    registry.listeners += [obs.on_slot, monitor.on_slot]
+    services = Services(settings=settings, metrics=metrics, registry=registry, store=store, joins=joins,
+                        executor=ThreadPoolExecutor(settings.onnx.executor_threads, thread_name_prefix="mtrank-infer"),
+                        obs=obs, monitor=monitor, shadow=Shadow(settings, metrics, registry))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,11 +123,16 @@ def create_app(settings: Settings) -> FastAPI:
             await store.close()
             raise ConfigError(f"start-up: {err}") from None
         registry.start()
+        if settings.monitoring.enabled:
+            monitor.start()
         tune_gc(settings.gc)
         try:
             yield
         finally:
             registry.stop()
+            monitor.stop()
+            services.shadow.stop()
+            joins.close()
             await store.close()
             services.executor.shutdown(wait=False)
             if multiprocess_dir():

@@ -20,6 +20,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,7 +32,18 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
 
 
+ENTROPY_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # normalised entropy in [0, 1]
+CORRELATION_BUCKETS = (-0.5, 0.0, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
+OVERLAP_BUCKETS = tuple(round(0.1 * i, 1) for i in range(0, 11))
+
+
 class Metrics:
+    """Every metric family of the service (docs/metrics.md lists them with their PromQL).
+
+    Gauges that a background evaluator sets from host-wide counter deltas (routing checks, PSI,
+    ECE) use ``livemostrecent``: every worker computes the same host-wide value, the freshest wins.
+    """
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("mtrank_http_requests_total", "HTTP requests by route, method and status",
@@ -40,10 +52,10 @@ class Metrics:
                                  ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
         self.candidates = Histogram("mtrank_rank_candidates", "Candidates per /rank request",
                                     buckets=CANDIDATE_BUCKETS, registry=r)
-        self.stage = Histogram("mtrank_rank_stage_seconds", "Time per /rank stage (features, inference)",
+        self.stage = Histogram("mtrank_rank_stage_seconds", "Time per /rank stage (features, inference, observe)",
                                ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.model_info = Gauge("mtrank_model_info", "1 for the model version this process serves",
-                                ["version"], multiprocess_mode="livemax", registry=r)
+                                ["version", "arch"], multiprocess_mode="livemax", registry=r)
         self.reloads = Counter("mtrank_model_reloads_total", "Bundle loads by result and trigger",
                                ["result", "trigger"], registry=r)
         self.fs_hits = Counter("mtrank_feature_store_hits_total", "Feature-store rows found", ["side"], registry=r)
@@ -58,16 +70,73 @@ class Metrics:
                                      ["side"], registry=r)
         self.feedback = Counter("mtrank_feedback_events_total", "Feedback events by result",
                                 ["result"], registry=r)  # accepted | duplicate | joined | unjoined
+        self.join_errors = Counter("mtrank_join_store_errors_total",
+                                   "Prediction-log / feedback store operations that failed (request still served)",
+                                   ["backend", "op"], registry=r)
         self.fusion = Counter("mtrank_fusion_requests_total", "/rank requests by fusion profile and arm",
                               ["profile", "arm"], registry=r)
-        self._version: str | None = None
 
-    def set_model_version(self, version: str | None) -> None:
-        if self._version is not None and self._version != version:
-            self.model_info.labels(self._version).set(0)
-        if version is not None:
-            self.model_info.labels(version).set(1)
-        self._version = version
+        # Gates: summed weight and top-1 count per expert, candidates per gate, entropy per candidate.
+        gate = ["level", "task"]
+        self.gate_weight = Counter("mtrank_gate_weight_total", "Summed gate weight given to each expert",
+                                   [*gate, "expert"], registry=r)
+        self.gate_candidates = Counter("mtrank_gate_candidates_total", "Candidates scored through each gate",
+                                       gate, registry=r)
+        self.gate_top1 = Counter("mtrank_gate_top1_total", "Candidates whose largest gate weight is this expert",
+                                 [*gate, "expert"], registry=r)
+        self.gate_entropy = Histogram("mtrank_gate_entropy", "Normalised gate entropy per candidate (0 = one expert, 1 = uniform)",
+                                      gate, buckets=ENTROPY_BUCKETS, registry=r)
+
+        # Calibration buckets (served calibrated score), and the joined labels per bucket.
+        cal = ["task", "bucket"]
+        self.cal_predictions = Counter("mtrank_calibration_predictions_total", "Served scores per calibration bucket",
+                                       cal, registry=r)
+        self.cal_predicted = Counter("mtrank_calibration_predicted_probability_total",
+                                     "Summed served (calibrated) probability per bucket", cal, registry=r)
+        self.cal_labeled = Counter("mtrank_calibration_labeled_total", "Joined feedback labels per bucket of the served score",
+                                   cal, registry=r)
+        self.cal_positives = Counter("mtrank_calibration_positives_total", "Joined positive labels per bucket",
+                                     cal, registry=r)
+        self.cal_labeled_predicted = Counter("mtrank_calibration_labeled_probability_total",
+                                             "Summed served probability of the joined labels per bucket", cal, registry=r)
+        self.cal_ece = Gauge("mtrank_calibration_ece", "ECE of joined feedback over the monitoring window",
+                             ["task"], multiprocess_mode="livemostrecent", registry=r)
+
+        # Drift: live scores binned on the bundle's reference histogram, and the PSI over the window.
+        self.score_bucket = Counter("mtrank_score_bucket_total", "Served scores per bin of the reference histogram",
+                                    ["task", "bucket"], registry=r)
+        self.score_psi = Gauge("mtrank_score_psi", "Population stability index of served scores vs the reference",
+                               ["task"], multiprocess_mode="livemostrecent", registry=r)
+
+        # Routing checks over the window, against the bundle's reference gate statistics.
+        self.routing_divergence = Gauge("mtrank_routing_divergence", "Jensen-Shannon divergence (bits) of live vs reference mean expert weights",
+                                        gate, multiprocess_mode="livemostrecent", registry=r)
+        self.routing_check = Gauge("mtrank_routing_check", "1 = the routing check passes, 0 = it fails",
+                                   ["check", *gate], multiprocess_mode="livemostrecent", registry=r)
+        self.routing_failures = Counter("mtrank_routing_check_failures_total", "Evaluations of a routing check that failed",
+                                        ["check", *gate], registry=r)
+        self.window_candidates = Gauge("mtrank_monitor_window_candidates", "Candidates in the monitoring window",
+                                       multiprocess_mode="livemostrecent", registry=r)
+
+        # Experiment readout per arm.
+        self.exp_served = Counter("mtrank_experiment_served_total", "Items returned by /rank per arm", ["arm"], registry=r)
+        self.exp_positives = Counter("mtrank_experiment_positives_total", "Joined positive labels per arm and task",
+                                     ["arm", "task"], registry=r)
+
+        # Shadow scoring.
+        self.shadow_info = Gauge("mtrank_shadow_info", "1 for the shadow model version this process scores with",
+                                 ["version", "arch"], multiprocess_mode="livemax", registry=r)
+        self.shadow_requests = Counter("mtrank_shadow_requests_total", "Shadow scoring by result (scored, error, dropped)",
+                                       ["result"], registry=r)
+        self.shadow_correlation = Histogram("mtrank_shadow_rank_correlation", "Spearman correlation of primary and shadow fused scores",
+                                            buckets=CORRELATION_BUCKETS, registry=r)
+        self.shadow_overlap = Histogram("mtrank_shadow_topk_overlap", "Top-k overlap of primary and shadow rankings",
+                                        buckets=OVERLAP_BUCKETS, registry=r)
+        self.shadow_abs_diff = Counter("mtrank_shadow_score_abs_diff_total", "Summed |primary - shadow| calibrated score per task",
+                                       ["task"], registry=r)
+        self.shadow_candidates = Counter("mtrank_shadow_candidates_total", "Candidates scored by the shadow model", registry=r)
+        self.shadow_latency = Histogram("mtrank_shadow_duration_seconds", "Shadow scoring time per request",
+                                        buckets=LATENCY_BUCKETS, registry=r)
 
     def render(self) -> tuple[bytes, str]:
         if multiprocess_dir():
@@ -77,6 +146,23 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def observe_many(child: Any, values: np.ndarray) -> None:
+    """``child.observe(v)`` for every finite v of ``values`` [n], as one bucket count per bucket.
+
+    A histogram child stores one (non-cumulative) count per upper bound plus the sum; this adds
+    ``bincount`` of the values' buckets to those, the same numbers ``observe`` would leave (a test
+    compares both), at a cost independent of n. Relies on prometheus-client's ``_upper_bounds``,
+    ``_buckets`` and ``_sum`` (stable since 0.4; checked by ``tests/service/test_observe.py``).
+    """
+    v = values[np.isfinite(values)]
+    if not v.size:
+        return
+    counts = np.bincount(np.searchsorted(child._upper_bounds, v, side="left"), minlength=len(child._upper_bounds))
+    for i in np.flatnonzero(counts).tolist():
+        child._buckets[i].inc(float(counts[i]))
+    child._sum.inc(float(v.sum()))
 
 
 class MetricsMiddleware:

@@ -8,7 +8,14 @@
 * ``admin``: ``POST /admin/reload`` (a given version, or "follow CURRENT");
 * ``pubsub``: a message on the Redis channel ``reload.pubsub_channel`` (payload: a version, or empty
   for "follow CURRENT"), so a fleet reloads together;
-* ``rollback``: ``POST /admin/rollback`` swaps back to the previous version (kept loaded).
+* ``rollback``: ``POST /admin/rollback`` swaps back to the previous version (kept loaded);
+* ``shadow``: ``PUT /admin/shadow`` (or ``shadow.version`` at start) loads a version into the shadow slot.
+
+Models live in named **slots**: ``primary`` (serves ``/rank``), ``previous`` (the rollback target)
+and ``shadow`` (scored on a sample of traffic off the request path, ``service.shadow``). The slot
+map is immutable and replaced whole, so a reader sees one consistent set. After every change the
+registry calls its ``listeners`` with the slot and its new model (or None): that is how metrics
+learn the active version, pre-create its series and reset their monitoring window.
 
 A load runs on the triggering thread (poller, pub/sub listener or a worker thread of the admin
 request), never on the event loop: ``verify_bundle`` (manifest, checksums, I/O names, golden
@@ -17,8 +24,8 @@ against the bundle's tasks, golden outputs re-checked on the serving session, wa
 model passing all of it is swapped in, by replacing one reference: a request holds the model it
 read at its start until it finishes. A failed load leaves the old model serving and is recorded
 (``last_error`` in ``/models``, an error log line, ``mtrank_model_reloads_total{result="failure"}``).
-Loads are serialised by a lock. Two models stay loaded (current + previous); older ones are
-dropped and freed once no request holds them.
+Loads are serialised by a lock. At most three models stay loaded (primary, previous, shadow; one
+object when two slots name the same version); others are dropped and freed once no request holds them.
 """
 
 from __future__ import annotations
@@ -55,10 +62,9 @@ class ReloadError(Exception):
         self.not_found = not_found
 
 
-@dataclass(frozen=True)
-class _State:
-    current: Model | None = None
-    previous: Model | None = None
+PRIMARY, PREVIOUS, SHADOW = "primary", "previous", "shadow"
+SLOTS = (PRIMARY, PREVIOUS, SHADOW)
+SlotListener = Callable[[str, Model | None], None]
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,8 @@ class Registry:
         self.dir = Path(settings.bundles_dir)
         self.metrics = metrics
         self._loader = loader or self._load_dir
-        self._state = _State()
+        self._slots: dict[str, Model] = {}  # never mutated: replaced whole under the lock
+        self.listeners: list[SlotListener] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -90,17 +97,40 @@ class Registry:
         self._ratelog = RateLimitedLogger(log, 30.0)
 
     # ------------------------------------------------------------------------------ state
+    def slot(self, name: str) -> Model | None:
+        return self._slots.get(name)  # one attribute read: atomic
+
     @property
     def current(self) -> Model | None:
-        return self._state.current  # one attribute read: atomic
+        return self._slots.get(PRIMARY)
 
     @property
     def previous(self) -> Model | None:
-        return self._state.previous
+        return self._slots.get(PREVIOUS)
+
+    @property
+    def shadow(self) -> Model | None:
+        return self._slots.get(SHADOW)
 
     def loaded_versions(self) -> list[str]:
-        s = self._state
-        return [m.version for m in (s.current, s.previous) if m is not None]
+        return list(dict.fromkeys(m.version for m in self._slots.values()))
+
+    def _set(self, **changes: Model | None) -> None:
+        """Replace slots (``None`` empties one) and tell the listeners; call with the lock held."""
+        slots = dict(self._slots)
+        for name, model in changes.items():
+            if model is None:
+                slots.pop(name, None)
+            else:
+                slots[name] = model
+        self._slots = slots
+        for name, model in changes.items():
+            for listener in self.listeners:
+                listener(name, model)
+
+    def _loaded(self, version: str) -> Model | None:
+        """A model of ``version`` already in a slot (loaded and verified): reused, not loaded twice."""
+        return next((m for m in self._slots.values() if m.version == version), None)
 
     def pointer(self) -> str | None:
         try:
@@ -122,9 +152,8 @@ class Registry:
         return model
 
     def _swap(self, model: Model, trigger: str, started: float) -> Outcome:
-        old = self._state.current
-        self._state = _State(model, old)  # the swap; the model before ``old`` is dropped here
-        self.metrics.set_model_version(model.version)
+        old = self.current
+        self._set(primary=model, previous=old)  # the swap; the model before ``old`` is dropped here
         self.metrics.reloads.labels("success", trigger).inc()
         self.last_reload = {"version": model.version, "trigger": trigger, "at": _now(),
                             "seconds": round(time.perf_counter() - started, 4)}
@@ -137,57 +166,78 @@ class Registry:
         log.error("bundle %s rejected (trigger %s): %s; still serving %s", version, trigger, msg,
                   self.current.version if self.current else None)
 
+    def _check_version(self, version: str | None, trigger: str) -> str:
+        if version is None:
+            version = self.pointer()
+            self._pointer_seen = version
+            if version is None:
+                msg = f"{self.dir / 'CURRENT'}: no CURRENT pointer"
+                self._fail(None, trigger, msg)
+                raise ReloadError(msg, not_found=True)
+        if not _VERSION.fullmatch(version) or version == "CURRENT":
+            msg = f"version {version!r}: not a valid version name"
+            self._fail(version, trigger, msg)
+            raise ReloadError(msg, not_found=True)
+        return version
+
+    def _load(self, version: str, trigger: str) -> Model:
+        """The model of ``version``: already in a slot, or loaded and verified now; ReloadError if not."""
+        hit = self._loaded(version)
+        if hit is not None:
+            return hit
+        bundle_dir = self.dir / version
+        if not bundle_dir.is_dir():
+            msg = f"{bundle_dir}: no such bundle version"
+            self._fail(version, trigger, msg)
+            raise ReloadError(msg, not_found=True)
+        try:
+            return self._loader(bundle_dir)
+        except ExpressionError as err:
+            msg = f"fusion profiles do not fit bundle {version}: {err}"
+            self._fail(version, trigger, msg)
+            raise ReloadError(msg, config_error=True) from None
+        except BundleError as err:
+            self._fail(version, trigger, str(err))
+            raise ReloadError(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - onnxruntime/numpy raise their own types; reject the bundle
+            msg = f"{bundle_dir}: {type(err).__name__}: {err}"
+            self._fail(version, trigger, msg)
+            raise ReloadError(msg) from None
+
     def reload(self, version: str | None = None, trigger: str = "admin") -> Outcome:
-        """Load ``version`` (None: what CURRENT names) and swap it in; raises ReloadError on failure."""
+        """Load ``version`` (None: what CURRENT names) into the primary slot; raises ReloadError on failure."""
         with self._lock:
             started = time.perf_counter()
-            if version is None:
-                version = self.pointer()
-                self._pointer_seen = version
-                if version is None:
-                    msg = f"{self.dir / 'CURRENT'}: no CURRENT pointer"
-                    self._fail(None, trigger, msg)
-                    raise ReloadError(msg, not_found=True)
-            if not _VERSION.fullmatch(version) or version == "CURRENT":
-                msg = f"version {version!r}: not a valid version name"
-                self._fail(version, trigger, msg)
-                raise ReloadError(msg, not_found=True)
-            state = self._state
-            if state.current is not None and state.current.version == version:
-                return Outcome("unchanged", version, state.previous.version if state.previous else None)
-            if state.previous is not None and state.previous.version == version:
-                return self._swap(state.previous, trigger, started)  # already loaded and verified
-            bundle_dir = self.dir / version
-            if not bundle_dir.is_dir():
-                msg = f"{bundle_dir}: no such bundle version"
-                self._fail(version, trigger, msg)
-                raise ReloadError(msg, not_found=True)
-            try:
-                model = self._loader(bundle_dir)
-            except ExpressionError as err:
-                msg = f"fusion profiles do not fit bundle {version}: {err}"
-                self._fail(version, trigger, msg)
-                raise ReloadError(msg, config_error=True) from None
-            except BundleError as err:
-                self._fail(version, trigger, str(err))
-                raise ReloadError(str(err)) from None
-            except Exception as err:  # noqa: BLE001 - onnxruntime/numpy raise their own types; reject the bundle
-                msg = f"{bundle_dir}: {type(err).__name__}: {err}"
-                self._fail(version, trigger, msg)
-                raise ReloadError(msg) from None
-            return self._swap(model, trigger, started)
+            version = self._check_version(version, trigger)
+            cur, prev = self.current, self.previous
+            if cur is not None and cur.version == version:
+                return Outcome("unchanged", version, prev.version if prev else None)
+            return self._swap(self._load(version, trigger), trigger, started)
 
     def rollback(self) -> Outcome:
         with self._lock:
-            state = self._state
-            if state.previous is None or state.current is None:
+            cur, prev = self.current, self.previous
+            if prev is None or cur is None:
                 raise ReloadError("no previous version to roll back to", not_found=True)
-            self._state = _State(state.previous, state.current)
-            self.metrics.set_model_version(state.previous.version)
+            self._set(primary=prev, previous=cur)
             self.metrics.reloads.labels("success", "rollback").inc()
-            self.last_reload = {"version": state.previous.version, "trigger": "rollback", "at": _now(), "seconds": 0.0}
-            log.warning("rolled back from %s to %s", state.current.version, state.previous.version)
-            return Outcome("rolled_back", state.previous.version, state.current.version)
+            self.last_reload = {"version": prev.version, "trigger": "rollback", "at": _now(), "seconds": 0.0}
+            log.warning("rolled back from %s to %s", cur.version, prev.version)
+            return Outcome("rolled_back", prev.version, cur.version)
+
+    def set_shadow(self, version: str | None) -> str | None:
+        """Load ``version`` into the shadow slot (None clears it); returns the shadow version before."""
+        with self._lock:
+            before = self.shadow
+            if version is None:
+                self._set(shadow=None)
+            else:
+                version = self._check_version(version, "shadow")
+                if before is None or before.version != version:
+                    self._set(shadow=self._load(version, "shadow"))
+                    self.metrics.reloads.labels("success", "shadow").inc()
+            log.info("shadow slot: %s (was %s)", version, before.version if before else None)
+            return before.version if before else None
 
     # ------------------------------------------------------------------------------ threads
     def initial_load(self) -> None:
@@ -203,6 +253,11 @@ class Registry:
         except ReloadError as err:
             if err.config_error:
                 raise
+        if self.settings.shadow.version:
+            try:
+                self.set_shadow(self.settings.shadow.version)
+            except ReloadError as err:  # a broken shadow never stops the service (recorded in last_error)
+                log.error("shadow.version %s not loaded: %s", self.settings.shadow.version, err)
 
     def start(self) -> None:
         self._stop.clear()

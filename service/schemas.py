@@ -137,9 +137,18 @@ class ModelError(BaseModel):
     at: str
 
 
+class ShadowInfo(BaseModel):
+    version: str
+    arch: str
+    sample: float = Field(description="Fraction of /rank requests scored by the shadow")
+    queue_size: int
+    pending: int = Field(description="Shadow jobs waiting in this worker's queue")
+
+
 class ModelsResponse(BaseModel):
     active: str | None
     previous: str | None
+    shadow: ShadowInfo | None = Field(None, description="The model in the shadow slot, if any")
     loaded: list[str]
     current_pointer: str | None = Field(description="What BUNDLES_DIR/CURRENT names now")
     available: list[str]
@@ -153,6 +162,48 @@ class ReloadResponse(BaseModel):
     active: str | None
     previous: str | None
     receivers: int | None = Field(None, description="broadcast: subscribers that got the reload message")
+
+
+class ShadowRequest(_Req):
+    version: Id = Field(description="Bundle version to load into the shadow slot")
+
+
+class ShadowResponse(BaseModel):
+    shadow: str | None
+    previous_shadow: str | None
+
+
+class CheckResult(BaseModel):
+    value: float | None = Field(description="The checked statistic; null when not evaluated")
+    threshold: float
+    fails_when: Literal["above", "below"]
+    status: Literal["pass", "fail", "insufficient_data"]
+
+
+class GateRouting(BaseModel):
+    output: str = Field(description="The gate's ONNX output")
+    level: int
+    task: str = Field(description="The task the gate serves, or 'shared'")
+    experts: list[str]
+    candidates: int = Field(description="Candidates through this gate in the window")
+    live_mean: list[float | None] | None = Field(description="Mean weight per expert over the window")
+    reference_mean: list[float | None] = Field(description="Mean weight per expert on the validation split")
+    live_top1_share: list[float | None] | None
+    live_entropy: float | None = Field(description="Mean normalised entropy (0..1) over the window")
+    reference_entropy: float | None
+    checks: dict[str, CheckResult] = Field(description="divergence, dead_expert, collapse, entropy")
+
+
+class RoutingResponse(BaseModel):
+    model_version: str | None
+    evaluated_at: str | None = None
+    window_s: float
+    span_s: float | None = Field(None, description="Seconds the window actually covers (shorter after a start or swap)")
+    min_candidates: int | None = None
+    status: Literal["pass", "fail", "insufficient_data"]
+    gates: list[GateRouting]
+    drift: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per task: PSI of served scores")
+    calibration: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per binary task: windowed ECE")
 
 
 class ErrorResponse(BaseModel):

@@ -147,10 +147,67 @@ class ExperimentArm(_S):
 
 
 class FeedbackSettings(_S):
-    max_events: int = Field(100_000, gt=0)  # stored labelled events (oldest evicted)
-    prediction_requests: int = Field(50_000, gt=0)  # /rank responses kept for the feedback join
+    # Prediction log + label dedup (service/feedback/). auto = redis when a Redis URL resolves (redis_url,
+    # else feature_store.redis.url when that backend is redis), else sqlite when sqlite_path is set, else memory.
+    backend: Literal["auto", "memory", "sqlite", "redis"] = "auto"
+    max_events: int = Field(100_000, gt=0)  # memory/sqlite: labelled (request, item) keys kept (oldest evicted)
+    prediction_requests: int = Field(50_000, gt=0)  # memory/sqlite: /rank responses kept for the feedback join
     prediction_items: int = Field(1_000_000, gt=0)  # ... and at most this many candidates over all of them
-    prediction_ttl_s: float = Field(3600.0, gt=0)
+    prediction_ttl_s: float = Field(3600.0, gt=0)  # predictions, and labels (from their first label), expire
+    sqlite_path: str | None = None  # one file shared by the workers of a host (serve() sets one for workers > 1)
+    sqlite_busy_timeout_ms: int = Field(1000, ge=0)  # wait this long for another process's write lock
+    redis_url: str | None = None  # default: feature_store.redis.url when feature_store.backend is redis
+    key_prefix: str = "mtrank"  # keys: <prefix>:pred:<request_id>, <prefix>:fb:<request_id>
+    socket_timeout_ms: float = Field(50.0, gt=0)  # redis: socket and connect timeout
+    retry_after_ms: float = Field(500.0, ge=0)  # redis: after a failure, skip Redis this long (circuit breaker)
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> FeedbackSettings:
+        if self.backend == "sqlite" and not self.sqlite_path:
+            raise ValueError("sqlite_path: required when feedback.backend is sqlite")
+        return self
+
+
+class RoutingThresholds(_S):
+    """When a routing check fails, per gate, over the monitoring window (docs/metrics.md, Routing checks)."""
+
+    divergence: float = Field(0.05, gt=0, le=1)  # Jensen-Shannon divergence (bits) of live vs reference mean weights
+    dead_fraction: float = Field(0.1, gt=0, lt=1)  # dead: an expert's mean weight < dead_fraction / n_experts
+    collapse_share: float = Field(0.9, gt=0, le=1)  # collapse: one expert's mean weight > collapse_share
+    entropy_delta: float = Field(0.2, gt=0, le=1)  # |live - reference| mean normalised entropy
+
+
+class MonitoringSettings(_S):
+    enabled: bool = True  # gate / calibration / drift / experiment counters per /rank
+    window_s: float = Field(300.0, gt=0)  # sliding window of the routing checks, PSI and ECE
+    interval_s: float = Field(5.0, gt=0)  # how often the window statistics are re-evaluated
+    min_candidates: int = Field(500, ge=1)  # fewer candidates in the window: routing checks and PSI not evaluated
+    min_labels: int = Field(100, ge=1)  # fewer joined labels in the window: ECE not evaluated
+    calibration_buckets: int = Field(10, ge=2, le=100)  # equal-width buckets of the served probability
+    calibration_edges: list[float] | None = None  # explicit edges instead (ascending, from 0 to 1)
+    routing: RoutingThresholds = RoutingThresholds()
+
+    @field_validator("calibration_edges")
+    @classmethod
+    def _edges(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if len(v) < 3 or v[0] != 0.0 or v[-1] != 1.0 or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("need at least 3 strictly ascending edges from 0.0 to 1.0")
+        return v
+
+    def edges(self) -> list[float]:
+        if self.calibration_edges is not None:
+            return list(self.calibration_edges)
+        n = self.calibration_buckets
+        return [round(i / n, 10) for i in range(n + 1)]
+
+
+class ShadowSettings(_S):
+    version: str | None = None  # bundle version scored in the shadow slot (also settable with PUT /admin/shadow)
+    sample: float = Field(0.1, ge=0.0, le=1.0)  # fraction of /rank requests scored by the shadow model
+    queue_size: int = Field(64, gt=0)  # pending shadow jobs; a full queue drops (counted)
+    top_k: int = Field(10, gt=0)  # k of the top-k overlap
 
 
 class GCSettings(_S):
@@ -182,6 +239,8 @@ class Settings(BaseSettings):
     experiment_salt: str = "mtrank"
     feedback: FeedbackSettings = FeedbackSettings()
     gc: GCSettings = GCSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
+    shadow: ShadowSettings = ShadowSettings()
 
     @model_validator(mode="after")
     def _experiments(self) -> Settings:

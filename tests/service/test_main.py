@@ -68,6 +68,6 @@ def test_service_never_imports_torch_or_model() -> None:
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'model')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    for path in (ROOT / "service").glob("*.py"):
+    for path in (ROOT / "service").rglob("*.py"):
         text = path.read_text()
         assert "import torch" not in text and "from model" not in text and "import model" not in text, path
