@@ -7,7 +7,7 @@ metric, keeps the best checkpoint and writes the run directory::
     RUN_DIR/schema.json    the fitted feature schema
     RUN_DIR/model.pt       best state_dict
     RUN_DIR/val.npz        the encoded validation split (export calibrates and checks parity on it)
-    RUN_DIR/metrics.json   docs/metrics.md describes it
+    RUN_DIR/metrics.json   docs/metrics-json.md describes it
     RUN_DIR/train.log      one line per epoch
 """
 

@@ -39,6 +39,7 @@ import numpy as np
 from mtrank.metrics import ece_from_sums, js_divergence, psi
 from service.metrics import Metrics, multiprocess_dir
 from service.observe import bucket_labels, gate_labels
+from service.registry import PRIMARY
 from service.scorer import Model
 from service.settings import MonitoringSettings
 
@@ -102,7 +103,7 @@ class Monitor:
     # ---------------------------------------------------------------------------- lifecycle
     def on_slot(self, slot: str, model: Model | None) -> None:
         """Registry listener: a new primary model starts a new window at its swap."""
-        if slot == "primary":
+        if slot == PRIMARY:
             with self._lock:
                 self._history.clear()
                 self._version = model.version if model is not None else None

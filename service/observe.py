@@ -34,6 +34,7 @@ from mtrank.bundle import GateInfo, Histogram
 from mtrank.metrics import bin_index, normalised_entropy
 from service.feedback import JoinedLabel
 from service.metrics import Metrics, observe_many
+from service.registry import PRIMARY, SHADOW
 from service.scorer import Model, Scored
 from service.settings import MonitoringSettings, Settings
 
@@ -162,7 +163,8 @@ class Observability:
         self.edges = np.asarray(self.settings.edges(), dtype=np.float64)
         self.buckets = bucket_labels(self.edges)
         self._stats: weakref.WeakKeyDictionary[Model, ModelStats] = weakref.WeakKeyDictionary()
-        self._info: dict[str, tuple[str, str] | None] = {"primary": None, "shadow": None}
+        self._info: dict[str, tuple[str, str] | None] = {PRIMARY: None, SHADOW: None}
+        self._window_gauges: list[Any] = []  # the window gauges of the primary bundle (reset on a swap)
         arms = [a.name for a in settings.experiments] + ["default", REQUEST_ARM]
         self._served = {a: metrics.exp_served.labels(a) for a in arms}
         m = metrics
@@ -187,18 +189,18 @@ class Observability:
 
     def on_slot(self, slot: str, model: Model | None) -> None:
         m = self.metrics
-        if slot == "primary":
+        if slot == PRIMARY:
             if model is not None:
                 self.stats(model)
                 self._precreate_monitoring(model)
-            self._move_info(m.model_info, "primary", model)
-        elif slot == "shadow":
+            self._move_info(m.model_info, PRIMARY, model)
+        elif slot == SHADOW:
             for result in ("scored", "error", "dropped"):
                 m.shadow_requests.labels(result)
             if model is not None:
                 for t in model.task_names:
                     m.shadow_abs_diff.labels(t)
-            self._move_info(m.shadow_info, "shadow", model)
+            self._move_info(m.shadow_info, SHADOW, model)
 
     def _move_info(self, gauge: Any, slot: str, model: Model | None) -> None:
         new = (model.version, model.manifest.arch) if model is not None else None
@@ -210,21 +212,28 @@ class Observability:
         self._info[slot] = new
 
     def _precreate_monitoring(self, model: Model) -> None:
-        """The window gauges of this bundle start as NaN ("not evaluated yet"), failure counters at 0."""
+        """The window gauges of this bundle start as NaN ("not evaluated yet"), failure counters at 0.
+
+        The gauges of the bundle served before go to NaN too: a gate or task the new bundle lacks must
+        not keep reporting (and alerting on) the old bundle's last value.
+        """
         m = self.metrics
+        gauges = []
         for g in model.manifest.gates:
             lv = gate_labels(g)
-            m.routing_divergence.labels(*lv).set(NAN)
+            gauges.append(m.routing_divergence.labels(*lv))
             for check in ROUTING_CHECKS:
-                m.routing_check.labels(check, *lv).set(NAN)
+                gauges.append(m.routing_check.labels(check, *lv))
                 m.routing_failures.labels(check, *lv)
-        for t in model.task_names:
-            m.score_psi.labels(t).set(NAN)
+        gauges += [m.score_psi.labels(t) for t in model.task_names]
         for t in model.manifest.tasks:
             if t.type == "binary":
-                m.cal_ece.labels(t.name).set(NAN)
+                gauges.append(m.cal_ece.labels(t.name))
                 for a in self._served:
                     m.exp_positives.labels(a, t.name)
+        for gauge in [*self._window_gauges, *gauges]:
+            gauge.set(NAN)
+        self._window_gauges = gauges
 
     def observe(self, model: Model, scored: Scored, n: int, arm: str | None, served: int) -> None:
         """After ranking (inference thread): the model's counters, and the items served under ``arm``."""

@@ -63,7 +63,6 @@ class ReloadError(Exception):
 
 
 PRIMARY, PREVIOUS, SHADOW = "primary", "previous", "shadow"
-SLOTS = (PRIMARY, PREVIOUS, SHADOW)
 SlotListener = Callable[[str, Model | None], None]
 
 
@@ -97,12 +96,9 @@ class Registry:
         self._ratelog = RateLimitedLogger(log, 30.0)
 
     # ------------------------------------------------------------------------------ state
-    def slot(self, name: str) -> Model | None:
-        return self._slots.get(name)  # one attribute read: atomic
-
     @property
     def current(self) -> Model | None:
-        return self._slots.get(PRIMARY)
+        return self._slots.get(PRIMARY)  # one attribute read: atomic
 
     @property
     def previous(self) -> Model | None:

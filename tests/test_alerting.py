@@ -229,3 +229,35 @@ def test_queries_only_use_metrics_the_service_exposes() -> None:
             used.setdefault(name, set()).add("dashboard")
     unknown = {name: sorted(where) for name, where in used.items() if name not in exposed}
     assert not unknown, f"metrics not declared in service/metrics.py: {unknown}"
+
+
+# ------------------------------------------------------------------------------ docs/metrics.md
+
+METRICS_DOC = REPO / "docs" / "metrics.md"
+
+
+def doc_promql() -> list[str]:
+    """The PromQL of docs/metrics.md's tables: backticked spans holding a query (a call or a comparison)."""
+    spans = re.findall(r"`([^`]+)`", METRICS_DOC.read_text())
+    return [s for s in spans if "mtrank_" in s and ("(" in s or " == " in s or " > " in s)]
+
+
+def test_every_metric_is_documented() -> None:
+    declared = {name for _, name in re.findall(r"\b(Counter|Gauge|Histogram)\(\s*\"(mtrank_[a-z0-9_]+)\"",
+                                               SERVICE_METRICS.read_text())}
+    assert len(declared) > 30
+    text = METRICS_DOC.read_text()
+    missing = sorted(n for n in declared if f"`{n}`" not in text)
+    assert not missing, f"metrics missing from docs/metrics.md: {missing}"
+
+
+def test_documented_promql_parses_and_uses_exposed_metrics(tmp_path: Path) -> None:
+    exprs = doc_promql()
+    assert len(exprs) > 25
+    exposed = exposed_metrics(SERVICE_METRICS.read_text(), histograms_without_sum())
+    unknown = {n for e in exprs for n in metric_names(e) if n not in exposed}
+    assert not unknown, f"docs/metrics.md queries metrics the service does not expose: {sorted(unknown)}"
+    rules = [{"record": f"mtrank_doc:query{i}", "expr": e} for i, e in enumerate(exprs)]
+    path = tmp_path / "doc_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "docs", "rules": rules}]}))
+    promtool("check", "rules", path)

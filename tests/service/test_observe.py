@@ -19,7 +19,7 @@ import pytest
 from scipy.stats import entropy as scipy_entropy
 
 from tests.conftest import demo_config
-from tests.service.conftest import clone_bundle, rank_body
+from tests.service.conftest import clone_bundle, rank_body, wait_until
 from tests.service.test_api import metric
 
 USER_COLS = ["user_id", "user_age_bucket", "user_country", "user_activity", "device", "hour"]
@@ -199,6 +199,14 @@ def test_routing_checks_fail_when_shifted_traffic_collapses_a_gate(routing_bundl
     assert metric(text, "mtrank_routing_check", check="collapse", level="0", task="ctr") == 0
     assert metric(text, "mtrank_routing_check", check="divergence", level="0", task="ctr") == 0
     assert metric(text, "mtrank_routing_check_failures_total", check="collapse", level="0", task="ctr") >= 1
+
+    # a new bundle starts a new window: its checks are not evaluated yet, the old failure does not linger
+    clone_bundle(routing_bundle, srv.settings.bundles_dir, "v2", activate=True)
+    with srv.client() as c:
+        wait_until(lambda: c.get("/models").json()["active"] == "v2", what="v2 via CURRENT")
+        text = c.get("/metrics").text
+        assert c.get("/routing").json()["status"] == "insufficient_data"
+    assert math.isnan(metric(text, "mtrank_routing_check", check="collapse", level="0", task="ctr"))
 
 
 # ------------------------------------------------------------------------------ calibration
