@@ -74,6 +74,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stack(args: argparse.Namespace) -> int:
+    from service.stack import StackConfig, main
+
+    snapshot = Path(args.snapshot) if args.snapshot else None
+    demo_rows = Path(args.bundles).parent / "demo.parquet"  # `mtrank demo` wrote bundles next to its data
+    if snapshot is None and demo_rows.exists():
+        snapshot = demo_rows
+    return main(StackConfig(bundles=Path(args.bundles), replicas=args.replicas, workers=args.workers,
+                            feature_store=args.feature_store, snapshot=snapshot,
+                            prometheus=not args.no_prometheus, port=args.port, prometheus_port=args.prometheus_port,
+                            config=Path(args.config) if args.config else None))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from model.export import export_run
     from model.synthetic import DEMO_CONFIG, write
@@ -154,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="uvicorn worker processes (prometheus multiprocess mode when > 1)")
     p.add_argument("--config", help="service YAML config (also $MTRANK_CONFIG)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("stack", help="redis + N service replicas + prometheus on loopback (compose without Docker)")
+    p.add_argument("--bundles", default="demo-run/bundles", help="bundles directory shared by the replicas")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn workers per replica")
+    p.add_argument("--feature-store", choices=["redis", "embedded"], default="redis")
+    p.add_argument("--snapshot", help="user + item rows (Parquet/CSV): pushed to Redis, or the embedded store "
+                                      "(default: demo.parquet beside the bundles directory, as `mtrank demo` writes)")
+    p.add_argument("--port", type=int, default=8000, help="first replica's port; the others follow (0: free ports)")
+    p.add_argument("--prometheus-port", type=int, default=9090)
+    p.add_argument("--no-prometheus", action="store_true")
+    p.add_argument("--config", help="service YAML merged under the stack's settings")
+    p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("demo", help="synthetic data -> train -> export -> serve, all with embedded defaults")
     p.add_argument("--workdir", default="demo-run")
