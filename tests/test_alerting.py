@@ -87,7 +87,7 @@ def test_prometheus_scrapes_the_service_and_loads_the_alerts() -> None:
     [job] = [job for job in config["scrape_configs"] if job["job_name"] == "mtrank"]
     assert job["metrics_path"] == "/metrics"
     assert job["scrape_interval"] == "15s"
-    assert job["static_configs"] == [{"targets": ["mtrank:8000"]}]
+    assert job["static_configs"] == [{"targets": ["mtrank-1:8000", "mtrank-2:8000"]}]  # the replicas of docker-compose.yml
 
 
 def test_every_alert_follows_the_conventions() -> None:
