@@ -103,8 +103,9 @@ def ms(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------- bundle
 
 
-def build_bundle(workdir: Path, epochs: int) -> Path:
-    """Synthetic data -> train the demo config -> export; returns the bundle directory (runs with torch)."""
+def build_bundle(workdir: Path, epochs: int, overrides: Sequence[str] = ()) -> Path:
+    """Synthetic data -> train the demo config (plus ``overrides``, ``key=value``) -> export; returns the
+    bundle directory (runs with torch)."""
     import copy
 
     from model.export import export_run
@@ -118,22 +119,23 @@ def build_bundle(workdir: Path, epochs: int) -> Path:
     raw = copy.deepcopy(DEMO_CONFIG)
     raw["data"]["train"] = [str(data)]
     cfg = parse_config(apply_overrides(raw, [f"train.epochs={epochs}", "train.threads=1", "train.progress=false",
-                                             f"train.seed={SEED}"]), base_dir=workdir)
+                                             f"train.seed={SEED}", *overrides]), base_dir=workdir)
     train(cfg, workdir / "run")
     return export_run(workdir / "run", workdir / "bundles")
 
 
-def ensure_bundle(workdir: Path, epochs: int) -> tuple[Path, float | None]:
+def ensure_bundle(workdir: Path, epochs: int, overrides: Sequence[str] = ()) -> tuple[Path, float | None]:
     """The bundle under ``workdir/bundles`` (built in a child process unless one exists); build seconds or None."""
     bundles = workdir / "bundles"
     if not (bundles / "CURRENT").exists():
-        log(f"building the bundle in {workdir} (synthetic 50k rows, demo config, {epochs} epoch(s), 1 thread)")
+        extra = f", {' '.join(overrides)}" if overrides else ""
+        log(f"building the bundle in {workdir} (synthetic 50k rows, demo config{extra}, {epochs} epoch(s), 1 thread)")
         t0 = time.perf_counter()
         out = workdir / "build.log"
         workdir.mkdir(parents=True, exist_ok=True)
         with out.open("w") as fh:
-            rc = subprocess.call([sys.executable, __file__, "_build", "--workdir", str(workdir), "--epochs", str(epochs)],
-                                 stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+            rc = subprocess.call([sys.executable, __file__, "_build", "--workdir", str(workdir), "--epochs", str(epochs),
+                                  *(f"--set={o}" for o in overrides)], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
         if rc != 0:
             raise SystemExit(f"bundle build failed (rc {rc}); see {out}:\n{out.read_text()[-3000:]}")
         return bundles / (bundles / "CURRENT").read_text().strip(), time.perf_counter() - t0
@@ -421,7 +423,9 @@ class Server:
 
 
 def run_http_config(cfg: ServerConfig, bundles: Path, bodies_path: Path, args: argparse.Namespace,
-                    workdir: Path, round_no: int) -> dict[str, Any]:
+                    workdir: Path, round_no: int, expect_items: int = HTTP_CANDIDATES,
+                    before_stop: Callable[[Server], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One server, one load-generator run; ``before_stop(server)`` (optional) adds its keys to the result."""
     server = Server(cfg, bundles, workdir / f"server-{cfg.key}-{round_no}.log", workdir / f"prometheus-{cfg.key}-{round_no}")
     try:
         t0 = time.perf_counter()
@@ -431,11 +435,13 @@ def run_http_config(cfg: ServerConfig, bundles: Path, bodies_path: Path, args: a
         out = workdir / f"load-{cfg.key}-{round_no}.json"
         cmd = [sys.executable, __file__, "_loadgen", "--port", str(server.port), "--bodies", str(bodies_path),
                "--concurrency", str(args.concurrency), "--duration", str(args.duration), "--warmup", str(args.warmup),
-               "--max-requests", str(args.max_requests), "--expect-items", str(HTTP_CANDIDATES),
+               "--max-requests", str(args.max_requests), "--expect-items", str(expect_items),
                "--server-pids", ",".join(map(str, pids)), "--out", str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT)
         res = json.loads(out.read_text())
         res.update(config=cfg.key, round=round_no, startup_s=startup, server_cmd=server.cmd, server_env=cfg.env)
+        if before_stop is not None:
+            res.update(before_stop(server))
         lat = res["latencies"]
         log(f"HTTP {cfg.key} round {round_no}: {res['requests'] / res['elapsed_s']:.1f} req/s, "
             f"p50 {ms(median(lat))} ms, p99 {ms(quantile(lat, 0.99))} ms, errors {res['errors']}")
@@ -449,8 +455,16 @@ def run_http(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workd
     bodies_path.write_bytes(b"\n".join(bodies) + b"\n")
     runs = [run_http_config(cfg, bundles, bodies_path, args, workdir, r)
             for r in range(args.rounds) for cfg in CONFIGS]
+    summary = summarise_http(runs, CONFIGS)
+    for x in runs:
+        x.pop("latencies")  # keep the raw JSON small
+    return {"summary": summary, "runs": runs}
+
+
+def summarise_http(runs: list[dict[str, Any]], configs: Sequence[ServerConfig]) -> dict[str, dict[str, Any]]:
+    """Per configuration: latencies pooled over its rounds, req/s the median round, CPU per request."""
     summary = {}
-    for cfg in CONFIGS:
+    for cfg in configs:
         mine = [x for x in runs if x["config"] == cfg.key]
         lat = [v for x in mine for v in x["latencies"]]
         reqs = sum(x["requests"] for x in mine)
@@ -467,9 +481,7 @@ def run_http(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workd
             "busiest_processes_cpu_s": [sorted(x["server_cpu_s"].values(), reverse=True)[:cfg.workers] for x in mine],
             "startup_s": median([x["startup_s"] for x in mine]),
         }
-    for x in runs:
-        x.pop("latencies")  # keep the raw JSON small
-    return {"summary": summary, "runs": runs}
+    return summary
 
 
 def checkout(rev: str | None, path: Path) -> Path:
@@ -768,16 +780,17 @@ def render(meta: dict[str, Any], inproc: dict[str, Any] | None, http: dict[str, 
     return "\n".join(lines)
 
 
-def write_docs(path: Path, section: str) -> None:
-    """Replace only the text between our markers (re-read right before writing); append them when missing."""
+def write_docs(path: Path, section: str, start: str = START, end: str = END) -> None:
+    """Replace only the text between the markers ``start`` / ``end`` (re-read right before writing; the
+    section includes them); append the section at the end when they are missing."""
     text = path.read_text() if path.exists() else f"{DOC_TITLE}\n"
-    i, j = text.find(START), text.find(END)
+    i, j = text.find(start), text.find(end)
     if 0 <= i < j:
-        text = text[:i] + section + text[j + len(END):]
+        text = text[:i] + section + text[j + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.serve-bench.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -823,8 +836,9 @@ def main(argv: list[str]) -> int:
         ap = argparse.ArgumentParser(prog="serve_bench.py _build")
         ap.add_argument("--workdir", required=True)
         ap.add_argument("--epochs", type=int, required=True)
+        ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
         b = ap.parse_args(argv[1:])
-        print(f"bundle: {build_bundle(Path(b.workdir), b.epochs)}")
+        print(f"bundle: {build_bundle(Path(b.workdir), b.epochs, b.set)}")
         return 0
 
     args = parse_args(argv)

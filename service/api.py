@@ -281,6 +281,7 @@ async def readyz(svc: ServicesDep, response: Response) -> dict[str, Any]:
 
 @router.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
 async def metrics(svc: ServicesDep) -> Response:
+    svc.obs.flush()  # this worker's accumulated per-request statistics (the others flush every second)
     body, content_type = svc.metrics.render()
     return Response(body, media_type=content_type)
 

@@ -108,7 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
     registry = Registry(settings, metrics)
     joins = build_join_store(settings, metrics)
     obs = Observability(metrics, settings, store.backend)
-    monitor = Monitor(metrics, settings.monitoring, lambda: registry.current)
+    monitor = Monitor(metrics, settings.monitoring, lambda: registry.current, flush=obs.flush)
     registry.listeners += [obs.on_slot, monitor.on_slot]
     services = Services(settings=settings, metrics=metrics, registry=registry, store=store, joins=joins,
                         executor=ThreadPoolExecutor(settings.onnx.executor_threads, thread_name_prefix="mtrank-infer"),
@@ -123,6 +123,7 @@ def create_app(settings: Settings) -> FastAPI:
             await store.close()
             raise ConfigError(f"start-up: {err}") from None
         registry.start()
+        obs.start()
         if settings.monitoring.enabled:
             monitor.start()
         tune_gc(settings.gc)
@@ -131,6 +132,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             registry.stop()
             monitor.stop()
+            obs.stop()
             services.shadow.stop()
             joins.close()
             await store.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -148,21 +149,50 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def observe_many(child: Any, values: np.ndarray) -> None:
-    """``child.observe(v)`` for every finite v of ``values`` [n], as one bucket count per bucket.
+def add_to_histogram(child: Any, counts: Sequence[float], total: float) -> None:
+    """Add ``counts[i]`` observations to bucket i of a histogram child and ``total`` to its sum.
 
-    A histogram child stores one (non-cumulative) count per upper bound plus the sum; this adds
-    ``bincount`` of the values' buckets to those, the same numbers ``observe`` would leave (a test
-    compares both), at a cost independent of n. Relies on prometheus-client's ``_upper_bounds``,
-    ``_buckets`` and ``_sum`` (stable since 0.4; checked by ``tests/service/test_observe.py``).
+    ``counts`` has one entry per upper bound (``+Inf`` last) and is **not** cumulative, as a child
+    stores them; this leaves what that many ``observe`` calls would, at one ``inc`` per non-empty
+    bucket. Relies on prometheus-client's ``_buckets`` and ``_sum`` (stable since 0.4; checked by
+    ``tests/service/test_observe.py``).
     """
+    for i, c in enumerate(counts):
+        if c:
+            child._buckets[i].inc(float(c))
+    child._sum.inc(float(total))
+
+
+def bucket_index(upper_bounds: Sequence[float], values: np.ndarray) -> np.ndarray:
+    """Histogram bucket of each value (Prometheus' rule: the first bound with ``value <= bound``; the last
+    bound is ``+Inf``): int64 with the shape of ``values``. Equally spaced finite bounds take an arithmetic
+    path with an exact correction against the bounds (like ``mtrank.metrics.bin_index``); others a
+    binary search."""
+    ub = np.asarray(upper_bounds, dtype=np.float64)
+    x = np.asarray(values, dtype=np.float64)
+    finite = ub[:-1]
+    d = np.diff(finite)
+    if finite.size < 3 or not np.allclose(d, d[0], rtol=1e-9, atol=0.0) or d[0] <= 0:
+        return np.searchsorted(ub, x, side="left").astype(np.int64, copy=False)
+    k = ub.size - 1  # index of +Inf
+    idx = ((x - finite[0]) * (1.0 / d[0])).astype(np.int64) + 1  # ceil, up to the corrections below
+    np.minimum(idx, k, out=idx)
+    np.maximum(idx, 0, out=idx)
+    idx += (idx < k) & (x > ub[idx])  # rounding put x one bucket too low
+    idx -= (idx > 0) & (x <= ub[idx - 1])  # ... or one too high (ub[-1] for idx 0 is masked out)
+    return idx
+
+
+def bucket_counts(upper_bounds: Sequence[float], values: np.ndarray) -> np.ndarray:
+    """How many of ``values`` (any shape) fall in each histogram bucket: int64 [len(upper_bounds)]."""
+    return np.bincount(bucket_index(upper_bounds, values).ravel(), minlength=len(upper_bounds))
+
+
+def observe_many(child: Any, values: np.ndarray) -> None:
+    """``child.observe(v)`` for every finite v of ``values`` [n], as one bucket count per bucket."""
     v = values[np.isfinite(values)]
-    if not v.size:
-        return
-    counts = np.bincount(np.searchsorted(child._upper_bounds, v, side="left"), minlength=len(child._upper_bounds))
-    for i in np.flatnonzero(counts).tolist():
-        child._buckets[i].inc(float(counts[i]))
-    child._sum.inc(float(v.sum()))
+    if v.size:
+        add_to_histogram(child, bucket_counts(child._upper_bounds, v), float(v.sum()))
 
 
 class MetricsMiddleware:

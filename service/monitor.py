@@ -83,8 +83,9 @@ class Monitor:
     """Evaluates the window statistics of the primary model; :meth:`evaluate` is thread-safe."""
 
     def __init__(self, metrics: Metrics, settings: MonitoringSettings, current: Callable[[], Model | None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 flush: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
         self.metrics = metrics
+        self.flush = flush  # this process's accumulated statistics into the counters, before reading them
         self.settings = settings
         self.current = current
         self.clock = clock
@@ -129,6 +130,7 @@ class Monitor:
 
     # ---------------------------------------------------------------------------- evaluation
     def _window(self, model: Model) -> tuple[float, Totals, Totals]:
+        self.flush()
         now = self.clock()
         totals = read_totals(self.metrics, self.families)
         with self._lock:

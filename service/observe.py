@@ -2,19 +2,22 @@
 
 :class:`ModelStats` binds every label child one bundle needs (which creates those series when the
 bundle is loaded, so panels show 0 rather than nothing) and turns one scored request into counter
-increments with vectorised numpy over the arrays the ONNX run already returned:
+increments with vectorised numpy over the arrays the ONNX run already returned, batched over the
+requests since the last flush (one [N, m] array per gate, one [T, N] array per group of tasks):
 
 * per gate ``[n, m]`` (rows renormalised in float64, so one gate's weights add up to exactly n):
   summed weight per expert, top-1 counts per expert, candidates, and every candidate's normalised
-  entropy as one bucket count per histogram bucket (:func:`service.metrics.observe_many`);
+  entropy as one count per histogram bucket (:func:`service.metrics.add_to_histogram`);
 * per binary task: served (calibrated) scores per calibration bucket, count and summed probability;
 * per task with a reference histogram in the manifest: served scores per reference bin (the live
   side of the PSI; calibrated scores against ``calibrated_score_hist``, else raw against ``score_hist``);
 * per arm: items returned.
 
-The cost is a few numpy passes over [n, m] plus one ``inc`` per (gate, expert) and per non-empty
-bucket, independent of n beyond the numpy passes (docs/benchmarks.md measures /rank with and
-without). :meth:`ModelStats.observe` runs in the inference thread, never on the event loop.
+Per request the cost is keeping a reference to the arrays; a flush (every
+``monitoring.flush_interval_s`` on a thread of its own, and before ``/metrics`` or a window evaluation
+reads the counters) runs those numpy passes over everything kept since the last one and makes one
+``inc`` per (gate, expert) and non-empty bucket, so both are paid per second, not per request
+(docs/benchmarks.md measures /rank with and without). Nothing of it runs on the event loop.
 
 Joined feedback (``observe_feedback``) adds labels per bucket of the score that was served, and
 positives per arm. Everything here is a counter, so Prometheus can ``sum`` and ``rate`` it across
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from threading import Event, Lock, Thread
 from typing import Any
 
 import numpy as np
@@ -33,7 +36,7 @@ import numpy as np
 from mtrank.bundle import GateInfo, Histogram
 from mtrank.metrics import bin_index, normalised_entropy
 from service.feedback import JoinedLabel
-from service.metrics import Metrics, observe_many
+from service.metrics import Metrics, add_to_histogram, bucket_counts
 from service.registry import PRIMARY, SHADOW
 from service.scorer import Model, Scored
 from service.settings import MonitoringSettings, Settings
@@ -54,106 +57,157 @@ def gate_labels(g: GateInfo) -> tuple[str, str]:
     return str(g.level), g.owner
 
 
-@dataclass
+MAX_PENDING_CANDIDATES = 100_000  # a request that brings the batch past this flushes it inline (bounds memory)
+
+
+def top1_counts(w: np.ndarray) -> np.ndarray:
+    """Rows of ``w`` [N, m] whose largest value is in column j (ties go to the first): int64 [m].
+
+    Column by column (m passes over [N]) rather than ``argmax(axis=1)``, which is slow over a short axis."""
+    best = w[:, 0].copy()
+    for j in range(1, w.shape[1]):
+        np.maximum(best, w[:, j], out=best)
+    taken = np.zeros(len(w), dtype=bool)
+    counts = np.zeros(w.shape[1], dtype=np.int64)
+    for j in range(w.shape[1]):
+        hit = (w[:, j] == best) & ~taken
+        counts[j] = np.count_nonzero(hit)
+        taken |= hit
+    return counts
+
+
 class _Gate:
-    output: str
-    labels: tuple[str, str]
-    experts: list[str]
-    weight: list[Any]  # counter child per expert
-    top1: list[Any]
-    candidates: Any
-    entropy: Any  # histogram child
+    """One gate's counters, and the statistics of a batch of its outputs."""
+
+    def __init__(self, g: GateInfo, metrics: Metrics) -> None:
+        m = metrics
+        lv = gate_labels(g)
+        self.output = g.output
+        self.m = len(g.experts)
+        self.weight = [m.gate_weight.labels(*lv, e) for e in g.experts]
+        self.top1 = [m.gate_top1.labels(*lv, e) for e in g.experts]
+        self.candidates = m.gate_candidates.labels(*lv)
+        self.entropy = m.gate_entropy.labels(*lv)
+        self.ones_m = np.ones(self.m)
+
+    def flush(self, batch: list[dict[str, np.ndarray]]) -> None:
+        """Count a batch of requests' outputs of this gate ([n_i, m] each) into the counters."""
+        parts = [g[self.output] for g in batch if self.output in g]
+        if not parts:
+            return
+        w = np.concatenate(parts)  # [N, m] float32
+        w64 = w.astype(np.float64)
+        inv = 1.0 / (w64 @ self.ones_m)  # [N]: each row's weights are divided by their sum, so the
+        sums = (inv @ w64).tolist()  # [m]    weights of a gate add up to exactly its candidates
+        ent = normalised_entropy(w)  # [N] float32
+        self.candidates.inc(len(w))
+        for j, (s_, c) in enumerate(zip(sums, top1_counts(w).tolist())):
+            self.weight[j].inc(s_)
+            if c:
+                self.top1[j].inc(c)
+        add_to_histogram(self.entropy, bucket_counts(self.entropy._upper_bounds, ent).tolist(),
+                         float(ent.sum(dtype=np.float64)))
 
 
-@dataclass
-class _Bins:
-    task: str
-    edges: np.ndarray  # [B + 1]
-    calibrated: bool  # bin the calibrated scores (else raw)
-    children: list[Any]  # counter child per bin
+class _Binned:
+    """Tasks whose scores share bin edges, computed as one [T, N] batch: counts (and sums) per bin."""
 
+    def __init__(self, tasks: list[str], edges: Sequence[float], calibrated: bool, counts: list[list[Any]],
+                 sums: list[list[Any]] | None) -> None:
+        self.tasks, self.calibrated = tasks, calibrated
+        self.edges = np.asarray(edges, dtype=np.float64)
+        self.counts, self.sums = counts, sums  # children [T][B]
+        self.row = np.arange(len(tasks))[:, None] * (len(edges) - 1)
 
-@dataclass
-class _Calibration:
-    task: str
-    predictions: list[Any]  # counter child per bucket
-    predicted: list[Any]
+    def flush(self, batch: list[Scored]) -> None:
+        if not batch:
+            return
+        T, B = len(self.tasks), len(self.edges) - 1
+        p = np.concatenate([np.stack([(sc.calibrated if self.calibrated else sc.raw)[t] for t in self.tasks])
+                            for sc in batch], axis=1).astype(np.float64)  # [T, N]
+        flat = (bin_index(p, self.edges) + self.row).ravel()
+        count = np.bincount(flat, minlength=T * B).reshape(T, B)
+        total = None if self.sums is None else np.bincount(flat, weights=p.ravel(), minlength=T * B).reshape(T, B)
+        for t, b in zip(*np.nonzero(count)):
+            self.counts[t][b].inc(int(count[t, b]))
+            if total is not None and self.sums is not None:
+                self.sums[t][b].inc(float(total[t, b]))
 
 
 class ModelStats:
-    """The counters of one loaded bundle; :meth:`observe` turns a scored request into increments."""
+    """The counters of one loaded bundle.
+
+    :meth:`observe` only keeps a reference to the request's output arrays (they are fresh per request
+    and never written after scoring); :meth:`flush` concatenates everything kept since the last flush
+    and counts it with a few numpy passes per group of gates or tasks, then one ``inc`` per (gate,
+    expert) and non-empty bucket. So a request pays an append, not numpy calls and counter updates
+    (a request's many small numpy calls contend for the GIL with the event loop), and the batch
+    passes run over large arrays, where numpy is efficient and releases the GIL.
+    """
 
     def __init__(self, model: Model, metrics: Metrics, settings: MonitoringSettings) -> None:
         self.version = model.version
         m = metrics
+        self._lock = Lock()
+        self._pending: list[Scored] = []
+        self._pending_n = 0
+        self.gates = [_Gate(g, metrics) for g in model.manifest.gates]
         self.edges = np.asarray(settings.edges(), dtype=np.float64)
-        self.buckets = bucket_labels(self.edges)
-        self.gates: list[_Gate] = []
-        for g in model.manifest.gates:
-            lv = gate_labels(g)
-            self.gates.append(_Gate(g.output, lv, g.experts,
-                                    [m.gate_weight.labels(*lv, e) for e in g.experts],
-                                    [m.gate_top1.labels(*lv, e) for e in g.experts],
-                                    m.gate_candidates.labels(*lv), m.gate_entropy.labels(*lv)))
+        buckets = bucket_labels(self.edges)
         binary = [t.name for t in model.manifest.tasks if t.type == "binary"]
-        self.binary = binary
-        self.calibration = [_Calibration(t, [m.cal_predictions.labels(t, b) for b in self.buckets],
-                                         [m.cal_predicted.labels(t, b) for b in self.buckets]) for t in binary]
+        self.binned: list[_Binned] = []
+        if binary:  # calibration buckets of the served scores (count and summed probability)
+            self.binned.append(_Binned(binary, self.edges, True,
+                                       [[m.cal_predictions.labels(t, b) for b in buckets] for t in binary],
+                                       [[m.cal_predicted.labels(t, b) for b in buckets] for t in binary]))
         for t in binary:  # the feedback side, pre-created too
-            for b in self.buckets:
+            for b in buckets:
                 for c in (m.cal_labeled, m.cal_positives, m.cal_labeled_predicted):
                     c.labels(t, b)
         ref = model.manifest.reference
-        self.bins: list[_Bins] = []
+        drift: dict[tuple[tuple[float, ...], bool], list[str]] = {}  # the live side of the PSI, grouped by edges
         for t in model.task_names:
             hist: Histogram | None = ref.calibrated_score_hist.get(t)
             calibrated = hist is not None
             hist = hist or ref.score_hist.get(t)
             if hist is not None and len(hist.edges) >= 2:
-                self.bins.append(_Bins(t, np.asarray(hist.edges), calibrated,
-                                       [m.score_bucket.labels(t, b) for b in bucket_labels(hist.edges)]))
+                drift.setdefault((tuple(hist.edges), calibrated), []).append(t)
+        for (edges, calibrated), tasks in drift.items():
+            labels = bucket_labels(edges)
+            self.binned.append(_Binned(tasks, edges, calibrated,
+                                       [[m.score_bucket.labels(t, b) for b in labels] for t in tasks], None))
 
     def observe(self, scored: Scored, n: int) -> None:
-        """Counter increments for one request of ``n`` candidates (gates, calibration buckets, score bins)."""
-        for g in self.gates:
-            w = scored.gates.get(g.output)  # [n, m]
-            if w is None or not n:
-                continue
-            w64 = w.astype(np.float64)
-            w64 /= w64.sum(axis=1, keepdims=True)  # rows sum to 1 exactly: weights add up to candidates
-            sums = w64.sum(axis=0).tolist()  # [m]
-            top1 = np.bincount(w64.argmax(axis=1), minlength=len(g.experts)).tolist()  # [m]
-            g.candidates.inc(n)
-            for j, (s, c) in enumerate(zip(sums, top1)):
-                g.weight[j].inc(s)
-                if c:
-                    g.top1[j].inc(c)
-            observe_many(g.entropy, normalised_entropy(w64))
-        for cal in self.calibration:
-            p = scored.calibrated[cal.task]
-            count, total = _bin_totals(p, self.edges)
-            for b in np.flatnonzero(count).tolist():
-                cal.predictions[b].inc(float(count[b]))
-                cal.predicted[b].inc(float(total[b]))
-        for bins in self.bins:
-            p = (scored.calibrated if bins.calibrated else scored.raw)[bins.task]
-            count = np.bincount(bin_index(p, bins.edges), minlength=len(bins.children))
-            for b in np.flatnonzero(count).tolist():
-                bins.children[b].inc(float(count[b]))
+        """Keep one request of ``n`` candidates for the next flush (a flush runs here if the batch is full)."""
+        if not n:
+            return
+        with self._lock:
+            self._pending.append(scored)
+            self._pending_n += n
+            full = self._pending_n >= MAX_PENDING_CANDIDATES
+        if full:
+            self.flush()
 
-
-def _bin_totals(p: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(count [B], summed p [B]) per bin of ``edges``."""
-    idx = bin_index(p, edges)
-    b = len(edges) - 1
-    return np.bincount(idx, minlength=b), np.bincount(idx, weights=p.astype(np.float64), minlength=b)
+    def flush(self) -> None:
+        """Count every request kept since the last flush into the counters (thread-safe)."""
+        with self._lock:
+            batch, self._pending, self._pending_n = self._pending, [], 0
+        if not batch:
+            return
+        gates = [sc.gates for sc in batch]
+        for gate in self.gates:
+            gate.flush(gates)
+        for binned in self.binned:
+            binned.flush(batch)
 
 
 class Observability:
     """Owns the per-model :class:`ModelStats` and the metrics that follow the registry's slots.
 
     ``on_slot`` is a registry listener: a model entering the primary slot gets its series created and
-    ``mtrank_model_info`` moves to it; the shadow slot drives ``mtrank_shadow_info``.
+    ``mtrank_model_info`` moves to it; the shadow slot drives ``mtrank_shadow_info``. A thread flushes
+    every model's accumulated statistics into the counters every ``monitoring.flush_interval_s``;
+    ``/metrics`` and the window evaluation flush first, so what they read is complete.
     """
 
     def __init__(self, metrics: Metrics, settings: Settings, backend: str) -> None:
@@ -178,6 +232,30 @@ class Observability:
         for result in ("accepted", "duplicate", "joined", "unjoined"):
             m.feedback.labels(result)
         m.window_candidates.set(0)
+        self._halt = Event()
+        self._thread: Thread | None = None
+
+    # ------------------------------------------------------------------------------- flushing
+    def flush(self) -> None:
+        """Every loaded bundle's accumulated statistics into the counters (thread-safe)."""
+        for st in list(self._stats.values()):
+            st.flush()
+
+    def start(self) -> None:
+        if self.enabled:
+            self._halt.clear()
+            self._thread = Thread(target=self._loop, name="mtrank-observe-flush", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+        self.flush()
+
+    def _loop(self) -> None:
+        while not self._halt.wait(self.settings.flush_interval_s):
+            self.flush()
 
     def stats(self, model: Model) -> ModelStats | None:
         if not self.enabled:
@@ -190,6 +268,7 @@ class Observability:
     def on_slot(self, slot: str, model: Model | None) -> None:
         m = self.metrics
         if slot == PRIMARY:
+            self.flush()  # the bundle served until now gets its last requests counted before the window resets
             if model is not None:
                 self.stats(model)
                 self._precreate_monitoring(model)
