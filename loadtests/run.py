@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serve_bench import machine_note, write_docs  # noqa: E402
+from benchmarks.serve_bench import machine_note, quantile, write_docs  # noqa: E402
 from mtrank.bundle import MANIFEST, read_current, write_current  # noqa: E402
 from service.stack import Stack, StackConfig  # noqa: E402
 
@@ -59,13 +59,6 @@ START, END = "<!-- loadtest:start -->", "<!-- loadtest:end -->"
 
 def log(msg: str) -> None:
     print(f"[loadtest {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def quantile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(round(q * len(s) + 0.5)) - 1))]  # nearest rank
 
 
 # ------------------------------------------------------------------------------------- bundle

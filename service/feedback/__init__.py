@@ -35,6 +35,7 @@ import numpy as np
 from mtrank.config import ConfigError
 
 if TYPE_CHECKING:
+    from service.feedback.codec import Prediction
     from service.metrics import Metrics
     from service.settings import Settings
 
@@ -62,6 +63,18 @@ class IngestResult:
     duplicates: int = 0  # events whose labels were all recorded already (first value wins)
     joined: int = 0  # accepted events matched to a kept prediction
     labels: list[JoinedLabel] = field(default_factory=list)  # one per new label of a joined event
+
+    def record(self, item_id: str, new: Mapping[str, float] | None, prediction: Prediction | None) -> None:
+        """Count one event: a duplicate when it brought no new label; else accepted, and joined (its new labels
+        with the served scores) when ``prediction`` ranked ``item_id``."""
+        if not new:
+            self.duplicates += 1
+            return
+        self.accepted += 1
+        joined = prediction.join(item_id, new) if prediction is not None else None
+        if joined is not None:
+            self.joined += 1
+            self.labels.extend(joined)
 
 
 class JoinStoreUnavailable(Exception):

@@ -72,16 +72,8 @@ class MemoryJoinStore:
                         labels.popitem(last=False)
                 known = hit[1]
                 new = {t: v for t, v in event_labels.items() if t not in known}
-                if not new:
-                    res.duplicates += 1
-                    continue
                 known.update(new)
-                res.accepted += 1
-                pred = self._prediction(rid, now)
-                joined = pred.join(iid, new) if pred is not None else None
-                if joined is not None:
-                    res.joined += 1
-                    res.labels.extend(joined)
+                res.record(iid, new, self._prediction(rid, now) if new else None)
         return res
 
     def close(self) -> None:

@@ -119,15 +119,7 @@ class RedisJoinStore:
                 preds[rid] = _decode(data)
         res = IngestResult()
         for (rid, iid, _), new in zip(events, new_per_event):
-            if new is None:
-                res.duplicates += 1
-                continue
-            res.accepted += 1
-            pred = preds[rid]
-            joined = pred.join(iid, new) if pred is not None else None
-            if joined is not None:
-                res.joined += 1
-                res.labels.extend(joined)
+            res.record(iid, new, preds.get(rid))
         return res
 
 

@@ -237,19 +237,11 @@ class SqliteJoinStore:
         preds: dict[str, Prediction | None] = {}
         res = IngestResult()
         for (rid, iid, _), new in zip(events, new_per_event):
-            if new is None:
-                res.duplicates += 1
-                continue
-            res.accepted += 1
-            if rid not in preds:
+            if new and rid not in preds:
                 row = conn.execute("SELECT data FROM predictions WHERE request_id = ? AND at >= ?",
                                    (utf8(rid), horizon)).fetchone()
                 preds[rid] = _decode(row[0]) if row is not None else None
-            pred = preds[rid]
-            joined = pred.join(iid, new) if pred is not None else None
-            if joined is not None:
-                res.joined += 1
-                res.labels.extend(joined)
+            res.record(iid, new, preds.get(rid))
         return res
 
     def __len__(self) -> int:
