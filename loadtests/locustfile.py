@@ -19,7 +19,7 @@ Environment:
   labels ``ctr`` (and ``like`` for some) of that many of the returned items, as a client logging clicks
   and skips would (``ctr: 0`` for a few items shown above a click).
 * ``MTRANK_LT_LOG``: a JSON-lines file each locust process appends its responses to (start, end,
-  replica, class, status, model version): the runner checks versions against its publish log.
+  replica, class, status, model version, degraded): the runner checks versions against its publish log.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def _rows() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 USERS, ITEMS = _rows()
 _ids = count()
+_RUN = os.urandom(4).hex()  # request ids are single-use in the join store: unique across runs on one Redis too
 _log_lock = threading.Lock()
 _records: list[str] = []
 POOL = 24  # bodies per candidate class, built once: the load generator's CPU goes to sending, not to JSON
@@ -94,24 +95,24 @@ class RankUser(FastHttpUser):
     @task
     def rank(self) -> None:
         n = self.rng.choices([m for m, _ in MIX], [w for _, w in MIX])[0]
-        request_id = f"lt-{os.getpid()}-{next(_ids)}"
+        request_id = f"lt-{_RUN}-{os.getpid()}-{next(_ids)}"
         data = self.rng.choice(BODIES[n]).replace("__RID__", request_id, 1)
         start = time.time()
         # absolute URLs: each user keeps to its replica (the session's base URL is --host)
         with self.client.post(f"{self.replica}/rank", data=data, headers=JSON, name=f"/rank [{n}]",
                               catch_response=True) as r:
             end = time.time()
-            version = None
+            version = degraded = None
             if r.status_code == 200:
                 doc = r.json()
-                version = doc.get("model_version")
+                version, degraded = doc.get("model_version"), doc.get("degraded")
                 if len(doc.get("items", [])) != min(50, n):
                     r.failure(f"{len(doc.get('items', []))} items for top_k 50 of {n}")
             else:
                 r.failure(f"status {r.status_code}: {r.text[:200]}")
             if LOG:
                 rec = json.dumps({"start": start, "end": end, "replica": self.replica, "n": n,
-                                  "status": r.status_code, "version": version})
+                                  "status": r.status_code, "version": version, "degraded": degraded})
                 with _log_lock:
                     _records.append(rec)
         if r.status_code == 200:

@@ -301,6 +301,130 @@ def run_variant(variant: str, bundles: Path, data: Path, args: argparse.Namespac
     return result
 
 
+FAULT_START, FAULT_END = "<!-- loadtest-faults:start -->", "<!-- loadtest-faults:end -->"
+FAULT_PLAN = ((8.0, "kill"), (14.0, "restart"), (22.0, "pause"), (28.0, "resume"))  # seconds into the run
+
+
+def _stack_for(variant: str, bundles: Path, data: Path, out: Path) -> StackConfig:
+    extra = out / "service-extra.yaml"
+    extra.write_text("onnx: {intra_op_threads: 1, executor_threads: 1}\n")
+    return StackConfig(bundles=bundles, replicas=2, workers=1, feature_store=variant, snapshot=data, prometheus=False,
+                       port=0, config=extra, workdir=out / f"stack-{variant}")
+
+
+def run_faults(bundles: Path, data: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Redis killed, restarted, paused and resumed under the paced load (Redis variant, ``FAULT_PLAN``)."""
+    import httpx
+
+    duration = 36.0
+    with Stack(_stack_for("redis", bundles, data, out)) as stack:
+        marks: dict[str, float] = {}
+
+        def inject() -> None:
+            t0 = time.time()
+            for at, what in FAULT_PLAN:
+                time.sleep(max(0.0, t0 + at - time.time()))
+                {"kill": stack.kill_redis, "restart": stack.restart_redis, "pause": lambda: stack.pause_redis(True),
+                 "resume": lambda: stack.pause_redis(False)}[what]()
+                marks[what] = time.time()
+
+        injector = threading.Thread(target=inject, daemon=True)
+        t_start = time.time()
+        injector.start()
+        res = run_locust(stack, data, args, duration, out / "faults")
+        injector.join(30)
+        text = httpx.get(f"{stack.replica_urls[0]}/metrics", timeout=10).text
+    recs = [r for r in res["records"] if r["start"] >= t_start]
+    bounds = [("before", t_start), *[(w, marks[w]) for _, w in FAULT_PLAN], ("end", float("inf"))]
+    phases = {}
+    for (name, lo), (_, hi) in zip(bounds[:-1], bounds[1:]):
+        ph = [r for r in recs if lo <= r["start"] < hi]
+        lat = [1000 * (r["end"] - r["start"]) for r in ph]
+        phases[name] = {"requests": len(ph), "non_200": sum(r["status"] != 200 for r in ph),
+                        "degraded_share": sum(bool(r["degraded"]) for r in ph) / max(1, len(ph)),
+                        "p50_ms": quantile(lat, 0.5), "p99_ms": quantile(lat, 0.99)}
+
+    def recovery(after: str) -> float:
+        t = marks[after]
+        ok = [r["end"] for r in recs if r["start"] >= t and r["degraded"] is False]
+        return (min(ok) - t) if ok else float("nan")
+
+    errors = {}
+    for line in text.splitlines():
+        if line.startswith(("mtrank_feature_store_errors_total{", "mtrank_join_store_errors_total{")):
+            head, value = line.rsplit(" ", 1)
+            errors[head] = float(value)
+    rank_failures = sum(v["failures"] for k, v in res["stats"].items() if k.startswith("/rank"))
+    return {"phases": phases, "recovery_after_restart_s": recovery("restart"), "recovery_after_resume_s": recovery("resume"),
+            "rank_failures": rank_failures, "feedback_failures": res["stats"].get("/feedback", {}).get("failures", 0),
+            "errors_replica1": errors, "checks": {"zero_rank_errors": rank_failures == 0 and all(
+                p["non_200"] == 0 for p in phases.values())}}
+
+
+def run_soak(bundles: Path, data: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """``--soak-minutes`` at half the saturation rate (measured first, closed loop) with feedback and reloads."""
+    probe_args = argparse.Namespace(**{**vars(args), "rate": 0.0})
+    with Stack(_stack_for("redis", bundles, data, out)) as stack:
+        probe = summarise(run_locust(stack, data, probe_args, 15.0, out / "saturation"), 15.0)
+        rate = 0.5 * probe["rank_rps"]
+        soak_args = argparse.Namespace(**{**vars(args), "rate": rate})
+        duration = 60.0 * args.soak_minutes
+        initial = read_current(bundles)
+        assert initial is not None
+        sampler = Sampler({name: pid for name, pid in stack.pids().items() if name.startswith("mtrank-")})
+        sampler.start()
+        pub = Publisher(stack, bundles, initial, duration / (args.soak_reloads + 1), args.soak_reloads, sampler)
+        t0 = time.time()
+        pub.start()
+        try:
+            res = run_locust(stack, data, soak_args, duration, out / "soak")
+            pub.join(60)
+        finally:
+            sampler.stop()
+        write_current(bundles, initial)
+    recs = [r for r in res["records"] if r["status"] == 200]
+    first = [1000 * (r["end"] - r["start"]) for r in recs if r["start"] < t0 + 60]
+    last = [1000 * (r["end"] - r["start"]) for r in recs if r["start"] >= t0 + duration - 60]
+    rss = {name: (samples[min(len(samples) - 1, 120)][2], samples[-1][2]) for name, samples in sampler.samples.items()
+           if samples}  # (after the first minute, at the end)
+    bad, _ = check_versions(res["records"], pub.published, initial, args.swap_lag)
+    total = res["stats"].get("Aggregated", {})
+    return {"saturation_rps": probe["rank_rps"], "rate": rate, "minutes": args.soak_minutes,
+            "reloads": len(pub.published), "requests": total.get("requests", 0), "failures": total.get("failures", 0),
+            "p99_first_min_ms": quantile(first, 0.99), "p99_last_min_ms": quantile(last, 0.99),
+            "rss_mib": rss, "bad_versions": bad[:20], "publisher_errors": pub.errors}
+
+
+def render_faults(meta: dict[str, Any], faults: dict[str, Any] | None, soak: dict[str, Any] | None) -> str:
+    lines = [FAULT_START, "", "## Redis faults under load, and a soak", "",
+             f"Generated by `loadtests/run.py` on {meta['date']} ({meta['wall_min']:.1f} min wall). Reproduce:", "",
+             "```bash", "env -u OPENBLAS_CORETYPE python loadtests/run.py --faults --soak", "```", ""]
+    if faults is not None:
+        lines += ["**Faults** (`mtrank stack`, Redis variant: feature store, reload channel and join store on one "
+                  "redis-server; the steady scenario's paced load): Redis killed at 8 s, restarted (new process, same "
+                  "port, snapshot pushed again) at 14 s, paused with SIGSTOP at 22 s, resumed at 28 s.", "",
+                  "| phase | /rank requests | non-200 | degraded share | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
+        for name, p in faults["phases"].items():
+            lines.append(f"| {name} | {p['requests']} | {p['non_200']} | {100 * p['degraded_share']:.0f} % | "
+                         f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} |")
+        lines += ["", f"/rank failures: **{faults['rank_failures']}**; first non-degraded answer "
+                  f"{faults['recovery_after_restart_s']:.2f} s after the restart and "
+                  f"{faults['recovery_after_resume_s']:.2f} s after SIGCONT (feature-store breaker: 0.5 s). "
+                  f"/feedback calls answered 503 while Redis was unusable (by design: the client retries): "
+                  f"{faults['feedback_failures']}. Error counters on replica 1 afterwards: "
+                  + ", ".join(f"`{k}` {v:g}" for k, v in faults["errors_replica1"].items() if v) + ".", ""]
+    if soak is not None:
+        lines += [f"**Soak**: saturation measured first (15 s closed loop, 8 users): {soak['saturation_rps']:.1f} /rank "
+                  f"per s; then {soak['minutes']:g} min at half of it ({soak['rate']:.1f} /rank per s) with feedback "
+                  f"and {soak['reloads']} reloads: {soak['requests']} requests, {soak['failures']} failed; p99 "
+                  f"{soak['p99_first_min_ms']:.1f} ms in the first minute vs {soak['p99_last_min_ms']:.1f} ms in the "
+                  "last; RSS (MiB) after the first minute → at the end: "
+                  + ", ".join(f"{n} {a:.0f} → {b:.0f} ({100 * (b / a - 1):+.1f} %)" for n, (a, b) in soak["rss_mib"].items())
+                  + f"; versions never active when served: {len(soak['bad_versions'])}.", ""]
+    lines.append(FAULT_END)
+    return "\n".join(lines)
+
+
 def render(meta: dict[str, Any], results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [START, "", "## Load tests (locust): steady and reload under load", "",
              f"Generated by `loadtests/run.py` on {meta['date']} ({meta['wall_min']:.1f} min wall).", "",
@@ -363,6 +487,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reloads", type=int, default=None, help="versions published (default 50; --quick 3)")
     ap.add_argument("--swap-lag", type=float, default=5.0, help="seconds a superseded version may still answer")
     ap.add_argument("--rows", type=int, default=50_000, help="synthetic rows for the demo bundle")
+    ap.add_argument("--faults", action="store_true", help="instead of the scenarios: Redis killed/paused under load")
+    ap.add_argument("--soak", action="store_true", help="instead of the scenarios: a soak at half saturation")
+    ap.add_argument("--soak-minutes", type=float, default=10.0)
+    ap.add_argument("--soak-reloads", type=int, default=20)
     ap.add_argument("--workdir", help="bundle, logs and results (default: a temporary directory, removed)")
     ap.add_argument("--out-json", default="/tmp/loadtest.json")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -384,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         bundles, data = ensure_bundle(workdir, args.rows)
+        if args.faults or args.soak:
+            return faults_main(bundles, data, args, workdir, started)
         results = []
         for variant in args.variants:
             out = workdir / f"results-{variant}"
@@ -407,6 +537,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def faults_main(bundles: Path, data: Path, args: argparse.Namespace, workdir: Path, started: float) -> int:
+    faults = run_faults(bundles, data, args, workdir) if args.faults else None
+    if faults is not None:
+        log(f"faults: {json.dumps(faults['checks'])}")
+    soak = run_soak(bundles, data, args, workdir) if args.soak else None
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_min": (time.time() - started) / 60,
+            "machine": machine_note()}
+    Path(args.out_json).write_text(json.dumps({"meta": meta, "faults": faults, "soak": soak}, indent=1, default=str))
+    section = render_faults(meta, faults, soak)
+    print(section)
+    if not args.quick and not args.no_docs:
+        write_docs(Path(args.docs), section, FAULT_START, FAULT_END)
+    ok = (faults is None or faults["checks"]["zero_rank_errors"]) and (
+        soak is None or (not soak["failures"] and not soak["bad_versions"] and not soak["publisher_errors"]))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

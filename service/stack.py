@@ -116,10 +116,10 @@ class Stack:
         raise StackError(f"{what} not ready after {timeout:.0f}s:\n{proc.tail()}")
 
     # ---------------------------------------------------------------------------------- parts
-    def _start_redis(self) -> None:
+    def _start_redis(self, port: int | None = None) -> None:
         import redis
 
-        port = self.cfg.redis_port or free_port()
+        port = port or self.cfg.redis_port or free_port()
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         proc = self._spawn("redis", [_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
                                      "--save", "", "--appendonly", "no", "--dir", str(self.workdir)])
@@ -136,6 +136,25 @@ class Stack:
 
             for side in ("user", "item"):
                 push_snapshot(self.redis_url, self.cfg.snapshot, side)
+
+    # -------------------------------------------------------------------- faults (load tests)
+    def _redis(self) -> Proc:
+        return next(p for p in self.procs if p.name == "redis")
+
+    def kill_redis(self) -> None:
+        """SIGKILL redis-server (no persistence: its data is gone)."""
+        proc = self._redis()
+        proc.popen.kill()
+        proc.popen.wait(5)
+        self.procs.remove(proc)
+
+    def restart_redis(self) -> None:
+        """A new redis-server on the same port, with the snapshot pushed again (as a loader job would)."""
+        self._start_redis(int(self.redis_url.rsplit(":", 1)[1].split("/")[0]))
+
+    def pause_redis(self, paused: bool = True) -> None:
+        """SIGSTOP (slow, not down: connections hang) or SIGCONT redis-server."""
+        self._redis().popen.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
 
     def service_config(self) -> dict[str, Any]:
         """The settings every replica gets (over ``cfg.config`` when given)."""
