@@ -3,7 +3,8 @@
 Steps: ONNX export (opset 17, dynamic batch) -> onnx.checker -> parity with PyTorch on the whole
 validation split (probabilities and gate weights, max abs diff <= 1e-5, else fail) -> calibration
 per binary task -> reference statistics (gate usage/entropy, score histograms) -> golden examples
--> optional int8 dynamic quantisation guarded by the AUC drop -> atomic write -> CURRENT pointer.
+-> optional int8 dynamic quantisation guarded by the AUC drop -> output ranges on validation and the
+reference sweep (checked again by every loader) -> atomic write (optionally signed) -> CURRENT pointer.
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ from mtrank.bundle import (
     Histogram,
     Quantization,
     Reference,
+    ScoreRange,
     TaskInfo,
+    check_version_name,
     onnx_runner,
+    run_sweep,
+    sweep_rows_for,
     write_bundle,
     write_current,
 )
+from mtrank.encoding import FittedSchema
 from mtrank.metrics import auc, bin_index, equal_width_edges
 
 OPSET = 17
@@ -67,6 +73,25 @@ def onnx_bytes(model: MultiTaskRanker, example: dict[str, torch.Tensor]) -> byte
     data = buf.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     return data
+
+
+def score_ranges(data: bytes, schema: FittedSchema, onnx_out: dict[str, np.ndarray], names: list[str]
+                 ) -> tuple[dict[str, ScoreRange], int]:
+    """Per scored name: min/max raw output over the validation outputs and the reference sweep (run here the
+    way every loader runs it, ``mtrank.bundle.run_sweep``). Returns the ranges and the sweep's row count."""
+    rows = sweep_rows_for(schema)
+    lo = {n: float(np.min(onnx_out[f"p_{n}"])) for n in names}
+    hi = {n: float(np.max(onnx_out[f"p_{n}"])) for n in names}
+    with tempfile.NamedTemporaryFile(suffix=".onnx") as fh:
+        fh.write(data)
+        fh.flush()
+        for batch in run_sweep(schema, rows, onnx_runner(fh.name, intra_threads=0)):
+            for n in names:
+                out = batch[f"p_{n}"]
+                if not np.all(np.isfinite(out)):
+                    raise ExportError(f"reference sweep: task {n!r} has non-finite outputs; not written")
+                lo[n], hi[n] = min(lo[n], float(out.min())), max(hi[n], float(out.max()))
+    return {n: ScoreRange(min=lo[n], max=hi[n]) for n in names}, rows
 
 
 def _run_onnx(data: bytes, inputs: dict[str, np.ndarray], batch: int = 8192) -> dict[str, np.ndarray]:
@@ -118,8 +143,20 @@ def quantize_int8(data: bytes) -> bytes:
 
 
 def export_run(run_dir: str | Path, bundles_dir: str | Path, version: str | None = None, activate: bool = True,
-               quantize: str | None = None, max_auc_drop: float = 0.002) -> Path:
-    """Export a finished run into ``bundles_dir/<version>/``; returns the bundle directory."""
+               quantize: str | None = None, max_auc_drop: float = 0.002, sign_key: str | Path | None = None) -> Path:
+    """Export a finished run into ``bundles_dir/<version>/``; returns the bundle directory.
+
+    ``version`` must follow the version-name rule (``mtrank.bundle.check_version_name``; checked before
+    any work, BundleError naming ``version``). ``sign_key``: an Ed25519 private key (PEM) that signs the
+    manifest (``mtrank.signing``); loaded before any work too.
+    """
+    if version is not None:
+        check_version_name(version, "version")
+    signer = None
+    if sign_key is not None:
+        from mtrank.signing import Signer
+
+        signer = Signer.from_file(sign_key)
     run_dir = Path(run_dir)
     cfg, schema, model = load_run(run_dir)
     val = Split.load(run_dir / "val.npz")
@@ -158,7 +195,10 @@ def export_run(run_dir: str | Path, bundles_dir: str | Path, version: str | None
 
     g_stats = gate_stats(model, {g.name: onnx_out[g.name] for g in model.gate_specs})
     served = {n: calibration[n].apply(onnx_out[f"p_{n}"]) for n in calibration}
+    ranges, sweep_rows = score_ranges(data, schema, onnx_out, model.output_names)
     reference = Reference(
+        score_range=ranges,
+        sweep_rows=sweep_rows,
         gate_mean={k: v["mean"] for k, v in g_stats.items()},
         gate_entropy={k: v["entropy"] for k, v in g_stats.items()},
         score_hist=score_histograms(model.output_names, {n: onnx_out[f"p_{n}"] for n in model.output_names}, types),
@@ -195,7 +235,7 @@ def export_run(run_dir: str | Path, bundles_dir: str | Path, version: str | None
         quantization=quant,
     )
     files = {MODEL: data, GOLDEN: json.dumps(golden).encode()}
-    bundle = write_bundle(bundles_dir, manifest, files)
+    bundle = write_bundle(bundles_dir, manifest, files, signer=signer)
     if activate:
         write_current(bundles_dir, version)
     return bundle
@@ -203,7 +243,10 @@ def export_run(run_dir: str | Path, bundles_dir: str | Path, version: str | None
 
 def export_summary(bundle: Path) -> dict[str, Any]:
     m = json.loads((bundle / "manifest.json").read_text())
-    return {"bundle": str(bundle), "version": m["model_version"], "onnx_bytes": m["sizes"]["onnx_bytes"],
+    signature = bundle / "signature.json"
+    signed_by = json.loads(signature.read_text())["key_id"] if signature.exists() else None
+    return {"bundle": str(bundle), "version": m["model_version"], "signed_by": signed_by,
+            "onnx_bytes": m["sizes"]["onnx_bytes"],
             "parity_max_abs_diff": m["sizes"]["parity_max_abs_diff"],
             "calibration": {k: {"method": c["method"], "ece_before": c["ece_before"], "ece_after": c["ece_after"]}
                             for k, c in m["calibration"].items()}}

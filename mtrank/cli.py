@@ -1,7 +1,7 @@
-"""The ``mtrank`` command: train, evaluate, export, bundle verify, serve, demo.
+"""The ``mtrank`` command: train, evaluate, export, bundle verify/sign/keygen, serve, stack, demo.
 
 Torch is imported only by the subcommands that train or export, so ``mtrank serve`` and
-``mtrank bundle verify`` run on a serving install (onnxruntime + fastapi, no torch).
+``mtrank bundle ...`` run on a serving install (onnxruntime + fastapi + cryptography, no torch).
 """
 
 from __future__ import annotations
@@ -50,20 +50,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from mtrank.bundle import check_version_name
+
+    if args.version is not None:
+        check_version_name(args.version, "--version")  # before torch is imported or anything is read
+    if args.sign is not None:
+        from mtrank.signing import SignatureError, load_private_key
+
+        try:
+            load_private_key(args.sign)
+        except SignatureError as err:
+            raise SignatureError(f"--sign: {err}") from None
     from model.export import export_run, export_summary
 
     bundle = export_run(args.run_dir, args.out, version=args.version, activate=not args.no_activate,
-                        quantize=args.quantize, max_auc_drop=args.max_auc_drop)
+                        quantize=args.quantize, max_auc_drop=args.max_auc_drop, sign_key=args.sign)
     print(json.dumps(export_summary(bundle), indent=1))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from mtrank.bundle import verify_bundle
+    from mtrank.signing import Trust, read_signature
 
-    manifest, _ = verify_bundle(args.bundle_dir)
+    trust = Trust.from_files(args.public_keys, require=True) if args.public_keys else None
+    manifest, _ = verify_bundle(args.bundle_dir, trust=trust)
+    doc = read_signature(args.bundle_dir)
+    if doc is None:
+        signature = "unsigned"
+    elif trust is not None:
+        signature = f"signature by key {doc['key_id']} verified"
+    else:
+        signature = f"signed by key {doc['key_id']} (not checked: no --public-key)"
     print(f"ok: {args.bundle_dir} version {manifest.model_version} ({manifest.arch}, tasks "
-          f"{', '.join(manifest.scored_names)})")
+          f"{', '.join(manifest.scored_names)}); {signature}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from mtrank.bundle import verify_bundle
+    from mtrank.signing import Signer, sign_bundle
+
+    signer = Signer.from_file(args.key)
+    verify_bundle(args.bundle_dir)  # sign only a bundle that passes every check
+    path = sign_bundle(args.bundle_dir, signer)
+    print(f"signed: {path} (key {signer.key_id})")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from mtrank.signing import generate_keypair
+
+    private, public, kid = generate_keypair(args.out)
+    print(json.dumps({"private_key": str(private), "public_key": str(public), "key_id": kid}, indent=1))
     return 0
 
 
@@ -148,17 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run as a versioned bundle (ONNX + manifest)")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="bundles directory (versions + CURRENT pointer)")
-    p.add_argument("--version", help="bundle version name (default: timestamp + model hash)")
+    p.add_argument("--version", help="bundle version name: 1-200 of [A-Za-z0-9._-], starting with a letter or "
+                                     "digit (default: timestamp + model hash)")
     p.add_argument("--no-activate", action="store_true", help="do not point CURRENT at the new version")
     p.add_argument("--quantize", choices=["none", "int8"], default="none")
     p.add_argument("--max-auc-drop", type=float, default=0.002, help="int8: refuse when any task's AUC drops more")
+    p.add_argument("--sign", metavar="KEY_FILE", help="sign the bundle with this Ed25519 private key (PEM)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bundle", help="bundle tools")
     bsub = p.add_subparsers(dest="bundle_command", required=True)
-    v = bsub.add_parser("verify", help="check a bundle's checksums, schema and golden outputs")
+    v = bsub.add_parser("verify", help="check a bundle's signature, checksums, schema, golden and reference outputs")
     v.add_argument("bundle_dir")
+    v.add_argument("--public-key", dest="public_keys", action="append", default=[], metavar="PUB",
+                   help="trusted Ed25519 public key (PEM); repeatable. Given: the bundle must be signed by one")
     v.set_defaults(func=cmd_verify)
+    v = bsub.add_parser("sign", help="sign a verified bundle's manifest (writes BUNDLE_DIR/signature.json)")
+    v.add_argument("bundle_dir")
+    v.add_argument("--key", required=True, metavar="KEY_FILE", help="Ed25519 private key (PEM, PKCS#8)")
+    v.set_defaults(func=cmd_sign)
+    v = bsub.add_parser("keygen", help="new Ed25519 key pair: PREFIX.key (private, 0600) and PREFIX.pub")
+    v.add_argument("--out", required=True, metavar="PREFIX")
+    v.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("serve", help="serve bundles over HTTP (POST /rank)")
     p.add_argument("--bundles", required=True, help="bundles directory")

@@ -16,6 +16,7 @@ Values are canonicalised to strings before hashing (``canonical_strings``) so th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -32,13 +33,18 @@ Group = Literal["request", "item"]
 def fnv1a64(values: np.ndarray) -> np.ndarray:
     """FNV-1a 64-bit hash of each string's UTF-8 bytes; vectorised over unique values.
 
-    Stable across processes and platforms (unlike ``hash()``), reproducible in any language.
+    Stable across processes and platforms (unlike ``hash()``), reproducible in any language. A lone
+    UTF-16 surrogate (which JSON's ``\\ud800`` escape can produce, but UTF-8 cannot encode) hashes as
+    its 3-byte ``surrogatepass`` form (U+D800 -> ``ED A0 80``), so every Python string has one defined
+    byte form; strings without lone surrogates hash their plain UTF-8 bytes. The service rejects such
+    strings at validation (422), so this is the backstop for values that reach the encoder otherwise
+    (e.g. feature-store rows).
     """
     values = np.asarray(values, dtype=str)
     if values.size == 0:
         return np.zeros(values.shape, dtype=np.uint64)
     uniq, inverse = np.unique(values, return_inverse=True)
-    raw = np.char.encode(uniq, "utf-8")  # dtype S{w}, zero padded
+    raw = np.char.encode(uniq, "utf-8", "surrogatepass")  # dtype S{w}, zero padded
     width = raw.dtype.itemsize
     mat = np.frombuffer(raw.tobytes(), dtype=np.uint8).reshape(len(uniq), width)
     lengths = np.char.str_len(raw)
@@ -231,17 +237,47 @@ def encode_multi(f: FittedFeature, values: Sequence[Any] | np.ndarray) -> np.nda
     return out
 
 
+# A plain decimal numeral: optional sign, ASCII digits, optional fraction, optional exponent. No
+# whitespace, underscores, hex, "inf"/"nan" or non-ASCII digits (all of which Python's float() takes).
+_NUMERAL = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def numeric_value(v: Any) -> float | None:
+    """The one rule for a raw value of a numeric feature: its float value, or None when it is not one.
+
+    Accepted: ``bool`` (0.0 / 1.0), ``int`` and ``float`` (also numpy scalars), and ``str`` that is a plain
+    decimal numeral (``_NUMERAL``: ``"12"``, ``"-0.5"``, ``"1e3"``), each only when the value is finite.
+    Everything else is None: lists, ``"inf"``, ``"nan"``, ``"1e309"`` (overflows to inf), ``"1_000"``,
+    ``" 12"``, ``""``, ``"0x10"``, ``"١٢"``, NaN and +-inf floats, integers too large for a float. The caller
+    decides what None means (the service: a 422 for a request value, missing for a stored one). ``None``
+    itself (missing) is the caller's to handle before calling.
+    """
+    t = type(v)
+    if t is float or t is int or t is bool or isinstance(v, (int, float, np.integer, np.floating)):
+        try:
+            x = float(v)
+        except OverflowError:  # an int beyond the float range
+            return None
+    elif t is str:
+        if _NUMERAL.fullmatch(v) is None:
+            return None
+        x = float(v)
+    else:
+        return None
+    return x if x - x == 0.0 else None  # finite (NaN and +-inf give NaN)
+
+
 def to_float(values: Sequence[Any] | np.ndarray) -> np.ndarray:
-    """Raw numeric values -> float64 with NaN for missing/unparseable."""
+    """Raw numeric values -> float64 [n], NaN for missing (None, "") and for values ``numeric_value``
+    refuses (so strings follow the service's rule; numeric arrays, what the trainer passes after
+    ``pandas.to_numeric``, are converted as they are and non-finite values become the default later)."""
     arr = np.asarray(values)
     if arr.dtype.kind in "fiub":
         return arr.astype(np.float64)
     out = np.empty(len(arr), dtype=np.float64)
     for i, v in enumerate(arr.tolist()):
-        try:
-            out[i] = float(v) if v is not None and v != "" else np.nan
-        except (TypeError, ValueError):
-            out[i] = np.nan
+        x = None if v is None else numeric_value(v)
+        out[i] = np.nan if x is None else x
     return out
 
 

@@ -24,7 +24,7 @@ from starlette.background import BackgroundTask
 
 from service import fusion as fusion_mod
 from service.feature_store import FeatureStore, StoreResult
-from service.feedback import JoinStore, JoinStoreUnavailable
+from service.feedback import JoinStore, JoinStoreUnavailable, PutResult
 from service.metrics import Metrics
 from service.monitor import Monitor
 from service.observe import Observability
@@ -82,19 +82,37 @@ _bearer = HTTPBearer(auto_error=False, description="admin.token from the service
 
 async def require_admin(svc: ServicesDep,
                         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """403 without a token, with a wrong one, and (``admin API disabled``) when none is configured."""
+    """The admin bearer-token check (RFC 6750): **403** when the admin API is disabled (no ``admin.token``
+    configured), whatever the request sends; **401** with ``WWW-Authenticate: Bearer`` when the request has
+    no bearer credentials (no ``Authorization`` header, another scheme, an empty token); **403** when the
+    token is wrong (compared in constant time)."""
     token = svc.settings.admin.token
     if token is None:
         raise HTTPException(403, detail="admin API disabled: no admin.token configured")
-    if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.get_secret_value().encode()):
-        raise HTTPException(403, detail="invalid or missing bearer token")
+    if creds is None:
+        raise HTTPException(401, detail="missing bearer token (Authorization: Bearer <admin.token>)",
+                            headers={"WWW-Authenticate": 'Bearer realm="mtrank-admin"'})
+    if not hmac.compare_digest(creds.credentials.encode(), token.get_secret_value().encode()):
+        raise HTTPException(403, detail="invalid bearer token")
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+_BODY_ERRORS: dict[int | str, dict[str, Any]] = {  # what any operation that reads a JSON body can answer
+    400: {"model": ErrorResponse, "description": "Python's JSON parser failed (invalid UTF-8, nesting too deep, an "
+                                                 "integer over 4300 digits); detail says which"},
     413: {"model": ErrorResponse, "description": "Body over limits.max_body_bytes"},
-    422: {"model": ErrorResponse, "description": "Invalid request; detail[].loc names the field"},
+    422: {"model": ErrorResponse, "description": "Invalid request (also: invalid JSON, with line and column; no JSON "
+                                                 "content type); detail[].loc names the field"},
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_BODY_ERRORS,
     503: {"model": ErrorResponse, "description": "No model loaded yet"},
 }
+_ADMIN: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "No bearer token",
+          "headers": {"WWW-Authenticate": {"description": "Bearer (RFC 6750)", "schema": {"type": "string"}}}},
+    403: {"model": ErrorResponse, "description": "Wrong token, or the admin API is disabled (no admin.token)"},
+}
+_ADMIN_BODY = {**_ADMIN, **_BODY_ERRORS}
 router = APIRouter()
 
 
@@ -149,7 +167,8 @@ def _json(body: dict[str, Any], background: BackgroundTask | None = None) -> Res
     return Response(pydantic_core.to_json(body), media_type="application/json", background=background)
 
 
-@router.post("/rank", response_model=RankResponse, responses=_ERRORS, tags=["ranking"],
+@router.post("/rank", response_model=RankResponse, tags=["ranking"],
+             responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "request_id already used (ids are single-use)"}},
              summary="Rank candidates for one request")
 async def rank_items(req: RankRequest, svc: ServicesDep, model: ModelDep) -> Response:
     """Scores every candidate for every task with the active bundle, fuses the calibrated scores
@@ -169,27 +188,41 @@ async def rank_items(req: RankRequest, svc: ServicesDep, model: ModelDep) -> Res
     store = await svc.store.fetch(req.user_id, item_ids, model.has_user_features, model.has_item_features)
     inp = RankInput(req.user_id, req.context, item_ids, [c.features for c in req.candidates])
     loop = asyncio.get_running_loop()
-    ranked = await loop.run_in_executor(svc.executor, _rank_observed, svc, model, inp, store, fusion, req.top_k, arm,
-                                        request_id)
+    ranked, logged = await loop.run_in_executor(svc.executor, _rank_observed, svc, model, inp, store, fusion,
+                                                req.top_k, arm, request_id)
     for stage, seconds in ranked.scored.timings.items():
         svc.metrics.stage.labels(stage).observe(seconds)
+    if logged == "reused" and req.request_id is not None:
+        return _request_id_reused(request_id)
     items = response_items(item_ids, ranked, model.task_names, req.raw_scores, req.return_task_scores)
     after = BackgroundTask(_after_rank, svc, inp, store, fusion_name, ranked)
     return _json({**base, "degraded": store.degraded, "items": items}, after)
 
 
 def _rank_observed(svc: Services, model: Model, inp: RankInput, store: StoreResult, fusion: fusion_mod.Fusion,
-                   top_k: int | None, arm: str | None, request_id: str) -> Ranked:
-    """Inference thread: rank; the model's statistics (``service.observe``) from the same arrays; the
-    prediction-log write, before the response, so feedback sent right after it joins."""
+                   top_k: int | None, arm: str | None, request_id: str) -> tuple[Ranked, PutResult]:
+    """Inference thread: rank; the prediction-log write, before the response, so feedback sent right after it
+    joins; then the model's statistics (``service.observe``) from the same arrays, unless the log refused the
+    request id as already used (the request is then answered 409, nothing of it counted)."""
     ranked = rank(model, inp, store, fusion, top_k, svc.settings.limits.unknown_features == "reject")
     sc = ranked.scored
     t0 = time.perf_counter()
-    svc.obs.observe(model, sc, len(inp.item_ids), arm, len(ranked.order))
+    logged = svc.joins.put(request_id, model.version, arm, inp.item_ids, model.task_names, sc.raw, sc.calibrated)
     t1 = time.perf_counter()
-    svc.joins.put(request_id, model.version, arm, inp.item_ids, model.task_names, sc.raw, sc.calibrated)
-    sc.timings["observe"], sc.timings["log"] = t1 - t0, time.perf_counter() - t1
-    return ranked
+    sc.timings["log"] = t1 - t0
+    if logged != "reused":
+        svc.obs.observe(model, sc, len(inp.item_ids), arm, len(ranked.order))
+        sc.timings["observe"] = time.perf_counter() - t1
+    return ranked, logged
+
+
+def _request_id_reused(request_id: str) -> Response:
+    """409 for a request id the prediction log already holds (ids are single-use: docs/service.md, "/feedback")."""
+    msg = (f"request_id {request_id!r} was already used by a ranked request; request ids are single-use "
+           "(send a new one, or none to have one generated)")
+    body = {"detail": [{"loc": ["body", "request_id"], "msg": msg, "type": "request_id_reused"}],
+            "message": f"body.request_id: {msg}"}
+    return Response(pydantic_core.to_json(body), status_code=409, media_type="application/json")
 
 
 async def _after_rank(svc: Services, inp: RankInput, store: StoreResult, fusion: str, ranked: Ranked) -> None:
@@ -293,42 +326,57 @@ def _outcome(o: Any, receivers: int | None = None) -> dict[str, Any]:
     return {"status": o.status, "active": o.active, "previous": o.previous, "receivers": receivers}
 
 
+def _reload_failed(err: ReloadError) -> Exception:
+    """The HTTP answer to a ReloadError, always with its public message (names versions, never server paths):
+    422 naming ``body.version`` (a name breaking the version rule), 404 (unknown version), 503 (the reload
+    channel is unreachable), else 409 (the bundle failed a check, or a precondition does not hold). Nothing
+    changed in any of them."""
+    if err.invalid:
+        return InputError(("body", "version"), err.public)
+    return HTTPException(404 if err.not_found else 503 if err.unavailable else 409, detail=err.public)
+
+
 @router.post("/admin/reload", response_model=ReloadResponse, tags=["admin"], summary="Load a bundle version",
              dependencies=[Depends(require_admin)],
-             responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                        409: {"model": ErrorResponse, "description": "The bundle failed a check; the old one keeps serving"}})
+             responses={**_ADMIN_BODY, 404: {"model": ErrorResponse},
+                        409: {"model": ErrorResponse, "description": "The bundle failed a check; the old one keeps serving"},
+                        502: {"model": ErrorResponse, "description": "broadcast: loaded here, but the publish failed"},
+                        503: {"model": ErrorResponse, "description": "broadcast: the reload channel is unreachable"}})
 async def admin_reload(svc: ServicesDep, body: ReloadRequest | None = None) -> Any:
     """Loads ``version`` (default: what CURRENT names), verifies and warms it in a worker thread,
     then swaps it in. With ``broadcast``, also publishes the version on the reload channel so
     every worker and replica follows."""
     body = body or ReloadRequest()
     try:
+        if body.broadcast:  # preconditions first: an error answer means nothing changed
+            await run_in_threadpool(svc.registry.check_broadcast)
         outcome = await run_in_threadpool(svc.registry.reload, body.version, "admin")
     except ReloadError as err:
-        raise HTTPException(404 if err.not_found else 409, detail=str(err)) from None
+        raise _reload_failed(err) from None
     receivers = None
     if body.broadcast:
         try:
             receivers = await run_in_threadpool(svc.registry.publish, body.version)
-        except ReloadError as err:
-            raise HTTPException(409, detail=str(err)) from None
+        except ReloadError as err:  # Redis went away between the check and the publish: say what did change
+            raise HTTPException(502, detail=f"{outcome.status} {outcome.active} on this worker, but {err.public}; "
+                                            "retry the broadcast") from None
     return _outcome(outcome, receivers)
 
 
 @router.post("/admin/rollback", response_model=ReloadResponse, tags=["admin"],
              summary="Serve the previous version again", dependencies=[Depends(require_admin)],
-             responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+             responses={**_ADMIN, 404: {"model": ErrorResponse}})
 async def admin_rollback(svc: ServicesDep) -> Any:
     try:
         outcome = svc.registry.rollback()
     except ReloadError as err:
-        raise HTTPException(404, detail=str(err)) from None
+        raise HTTPException(404, detail=err.public) from None
     return _outcome(outcome)
 
 
 @router.put("/admin/shadow", response_model=ShadowResponse, tags=["admin"], summary="Set the shadow model",
             dependencies=[Depends(require_admin)],
-            responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+            responses={**_ADMIN_BODY, 404: {"model": ErrorResponse},
                        409: {"model": ErrorResponse, "description": "The bundle failed a check; no shadow change"}})
 async def admin_set_shadow(svc: ServicesDep, body: ShadowRequest) -> Any:
     """Loads ``version`` (verified and warmed like any bundle) into the shadow slot of this worker;
@@ -336,12 +384,12 @@ async def admin_set_shadow(svc: ServicesDep, body: ShadowRequest) -> Any:
     try:
         before = await run_in_threadpool(svc.registry.set_shadow, body.version)
     except ReloadError as err:
-        raise HTTPException(404 if err.not_found else 409, detail=str(err)) from None
+        raise _reload_failed(err) from None
     return {"shadow": body.version, "previous_shadow": before}
 
 
 @router.delete("/admin/shadow", response_model=ShadowResponse, tags=["admin"], summary="Clear the shadow model",
-               dependencies=[Depends(require_admin)], responses={403: {"model": ErrorResponse}})
+               dependencies=[Depends(require_admin)], responses=_ADMIN)
 async def admin_clear_shadow(svc: ServicesDep) -> Any:
     before = await run_in_threadpool(svc.registry.set_shadow, None)
     return {"shadow": None, "previous_shadow": before}

@@ -24,8 +24,11 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mtrank.config import ConfigError
@@ -35,6 +38,7 @@ from service.feedback import build_join_store
 from service.metrics import Metrics, MetricsMiddleware, multiprocess_dir
 from service.monitor import Monitor
 from service.observe import Observability
+from service.openapi import install_contract, install_docs
 from service.registry import Registry, ReloadError
 from service.scorer import InputError
 from service.settings import GCSettings, Settings
@@ -78,15 +82,89 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+def _text(v: Any) -> Any:
+    """A string safe to encode as UTF-8: lone surrogates (from a ``\\ud800`` JSON escape, e.g. in a rejected
+    key that an error's loc names) become their escape text ``\\ud800``; anything else is returned as is."""
+    if type(v) is str and not v.isascii():
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    return v
+
+
 def _error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "value_error")}
-              for e in errors]
+    detail = [{"loc": [_text(p) for p in e.get("loc", ())], "msg": _text(e.get("msg", "")),
+               "type": e.get("type", "value_error")} for e in errors]
     message = "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in detail)
     return {"detail": detail, "message": message}
 
 
+_SURROGATE_MSG = "lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape): not Unicode text"
+
+
+def _line_col(doc: str, pos: int) -> tuple[int, int]:
+    """1-based line and column of character ``pos`` of ``doc``."""
+    line_start = doc.rfind("\n", 0, pos) + 1
+    return doc.count("\n", 0, pos) + 1, pos - line_start + 1
+
+
+def _is_json(content_type: str | None) -> bool:
+    """What FastAPI parses as JSON: application/json or application/*+json (parameters ignored)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(_error_body(list(exc.errors())), status_code=422)
+    """422 body ``{"detail": [{loc, msg, type}], "message"}``, with three rewrites of FastAPI's errors:
+
+    * a body sent without a JSON content type reaches validation as raw bytes: one error naming the
+      content type (``type: content_type``);
+    * a JSON syntax error (``json_invalid``, loc ``body, <offset>``): loc ``body``, the line and column in msg;
+    * pydantic's ``string_unicode`` (a lone surrogate in a typed string): a message that says so.
+    """
+    errors = list(exc.errors())
+    body = getattr(exc, "body", None)
+    if isinstance(body, bytes | bytearray) and not _is_json(request.headers.get("content-type")):
+        got = request.headers.get("content-type")
+        return JSONResponse(_error_body([{
+            "loc": ("body",), "type": "content_type",
+            "msg": f"the body must be JSON sent with Content-Type: application/json (got {'no Content-Type' if got is None else repr(got)})"}]),
+            status_code=422)
+    for e in errors:
+        kind, loc = e.get("type"), tuple(e.get("loc", ()))
+        if kind == "json_invalid" and len(loc) == 2 and isinstance(loc[1], int) and isinstance(body, str):
+            line, col = _line_col(body, loc[1])
+            reason = (e.get("ctx") or {}).get("error", "invalid JSON")
+            e.update(loc=("body",), msg=f"invalid JSON at line {line}, column {col}: {reason}")
+        elif kind == "string_unicode":
+            e["msg"] = _SURROGATE_MSG
+    return JSONResponse(_error_body(errors), status_code=422)
+
+
+def _parse_failure(cause: BaseException | None) -> str:
+    """Why Python's JSON parser itself failed (FastAPI answers 400 without saying)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "JSON nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "a JSON integer has too many digits (Python's limit: 4300)"
+    return type(cause).__name__ if cause is not None else "unknown error"
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's handler (headers such as WWW-Authenticate kept), plus the reason for a body parse failure, and
+    on a 405 an ``Allow`` listing the methods of every route of the path (Starlette's names only the first
+    route's: ``PUT`` for /admin/shadow, which also takes DELETE)."""
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        return JSONResponse({"detail": f"There was an error parsing the body: {_parse_failure(exc.__cause__)}"},
+                            status_code=400)
+    if exc.status_code == 405:
+        path = request.url.path
+        routes = [*router.routes, *request.app.routes]  # the app's list holds the included router as one entry
+        methods = {m for r in routes if isinstance(getattr(r, "methods", None), set | frozenset)
+                   and getattr(r, "path_regex", None) is not None and r.path_regex.match(path) for m in r.methods}
+        if methods:
+            exc = StarletteHTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": ", ".join(sorted(methods))})
+    return await http_exception_handler(request, exc)
 
 
 async def _input_error(request: Request, exc: InputError) -> JSONResponse:
@@ -148,11 +226,16 @@ def create_app(settings: Settings) -> FastAPI:
         description="Ranks candidates with a multi-task model bundle; see docs/service.md.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # service.openapi serves /docs and /redoc from local assets (no CDN)
+        redoc_url=None,
     )
     app.state.services = services
     app.include_router(router)
+    install_docs(app)
+    install_contract(app, settings)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(InputError, _input_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics,  # added last = outermost: sees 413s too
                        known_paths=frozenset(getattr(r, "path", "") for r in router.routes))

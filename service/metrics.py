@@ -70,7 +70,7 @@ class Metrics:
         self.fs_cache_hits = Counter("mtrank_feature_store_cache_hits_total", "Rows served by the local TTL cache",
                                      ["side"], registry=r)
         self.feedback = Counter("mtrank_feedback_events_total", "Feedback events by result",
-                                ["result"], registry=r)  # accepted | duplicate | joined | unjoined
+                                ["result"], registry=r)  # accepted | duplicate | joined | unjoined | orphan
         self.join_errors = Counter("mtrank_join_store_errors_total",
                                    "Prediction-log / feedback store operations that failed (request still served)",
                                    ["backend", "op"], registry=r)

@@ -229,7 +229,7 @@ class Observability:
             for reason in ("timeout", "error", "circuit_open"):
                 m.fs_errors.labels(backend, reason)
             m.fs_timeouts.labels(backend)
-        for result in ("accepted", "duplicate", "joined", "unjoined"):
+        for result in ("accepted", "duplicate", "joined", "unjoined", "orphan"):
             m.feedback.labels(result)
         m.window_candidates.set(0)
         self._halt = Event()

@@ -18,12 +18,17 @@ registry calls its ``listeners`` with the slot and its new model (or None): that
 learn the active version, pre-create its series and reset their monitoring window.
 
 A load runs on the triggering thread (poller, pub/sub listener or a worker thread of the admin
-request), never on the event loop: ``verify_bundle`` (manifest, checksums, I/O names, golden
-outputs), the serving session built with the configured threads, fusion profiles compiled
-against the bundle's tasks, golden outputs re-checked on the serving session, warm-up. Only a
-model passing all of it is swapped in, by replacing one reference: a request holds the model it
-read at its start until it finishes. A failed load leaves the old model serving and is recorded
-(``last_error`` in ``/models``, an error log line, ``mtrank_model_reloads_total{result="failure"}``).
+request), never on the event loop: ``verify_bundle`` on the serving session built with the configured
+threads (the signature when ``bundles.public_keys`` are configured, manifest, checksums, I/O names,
+golden outputs, output sanity on the reference rows), fusion profiles compiled against the bundle's
+tasks, warm-up. Only a model passing all of it is swapped in, by replacing one reference: a request
+holds the model it read at its start until it finishes. A failed load leaves the old model serving and
+is recorded (``last_error`` in ``/models``, an error log line, ``mtrank_model_reloads_total{result="failure"}``).
+
+Errors have two texts (:class:`ReloadError`): ``public`` names versions, files inside the bundle and the
+problem, never a server path (it goes into ``last_error``, which unauthenticated ``/models`` and
+``/readyz`` show, and into HTTP error bodies); ``detail`` has the paths and goes to the log. Version
+names follow ``mtrank.bundle.check_version_name``.
 Loads are serialised by a lock. At most three models stay loaded (primary, previous, shadow; one
 object when two slots name the same version); others are dropped and freed once no request holds them.
 """
@@ -31,35 +36,53 @@ object when two slots name the same version); others are dropped and freed once 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import logging
+import os
 import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mtrank.bundle import BundleError, list_versions, read_current
+from mtrank.bundle import BundleError, check_version_name, list_versions, read_current, verify_bundle
 from service.fusion import ExpressionError
 from service.logs import RateLimitedLogger
 from service.metrics import Metrics
-from service.scorer import Model
+from service.scorer import Model, make_session
 from service.settings import Settings
+
+if TYPE_CHECKING:  # mtrank.signing (cryptography) is imported when keys are configured
+    from mtrank.signing import Trust
 
 log = logging.getLogger("mtrank.service.registry")
 
-_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+# An absolute path with at least two components (what onnxruntime and OSError messages may embed).
+_ABS_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s/:'\"()\[\],]+/)+([^\s/:'\"()\[\],]*)")
 
 
 class ReloadError(Exception):
-    """A version could not be loaded (or there is nothing to roll back to); the old model keeps serving."""
+    """A version could not be loaded (or there is nothing to roll back to); the old model keeps serving.
 
-    def __init__(self, msg: str, config_error: bool = False, not_found: bool = False) -> None:
-        super().__init__(msg)
+    ``str(err)`` and ``err.public`` are the public message (no server paths: fit for an HTTP body and
+    ``last_error``); ``err.detail`` the full one for the log. The flags say which answer fits:
+    ``invalid`` (a version name breaking the rule: 422), ``not_found`` (404), ``unavailable`` (the reload
+    channel cannot be reached: 503), ``config_error`` (fusion profiles do not fit the bundle); none: the
+    bundle failed a check or a precondition does not hold (409).
+    """
+
+    def __init__(self, public: str, detail: str | None = None, *, config_error: bool = False,
+                 not_found: bool = False, invalid: bool = False, unavailable: bool = False) -> None:
+        super().__init__(public)
+        self.public = public
+        self.detail = detail or public
         self.config_error = config_error
         self.not_found = not_found
+        self.invalid = invalid
+        self.unavailable = unavailable
 
 
 PRIMARY, PREVIOUS, SHADOW = "primary", "previous", "shadow"
@@ -71,6 +94,16 @@ class Outcome:
     status: str  # loaded | unchanged | rolled_back
     active: str | None
     previous: str | None
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``) after a model was dropped, so RSS follows
+    the models loaded rather than the allocator's high-water mark (without it RSS wanders by tens of MiB
+    across reloads); a no-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _now() -> str:
@@ -94,6 +127,19 @@ class Registry:
         self.last_reload: dict[str, Any] | None = None
         self.pubsub_connected = False
         self._ratelog = RateLimitedLogger(log, 30.0)
+        self.trust = self._trust()
+
+    def _trust(self) -> Trust | None:
+        """The signature policy of ``bundles``: None (signatures not checked) when no key is configured."""
+        b = self.settings.bundles
+        if not b.public_keys:
+            return None
+        from mtrank.signing import Trust
+
+        trust = Trust.from_files(b.public_keys, require=b.required)
+        log.info("bundle signatures: %d trusted key(s) %s, unsigned bundles %s", len(trust.keys), sorted(trust.keys),
+                 "refused" if trust.require else "accepted")
+        return trust
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -142,39 +188,58 @@ class Registry:
 
     # ----------------------------------------------------------------------------- loading
     def _load_dir(self, bundle_dir: Path) -> Model:
-        model = Model.load(bundle_dir, self.settings.onnx, self.settings.fusion)
-        if model.version != bundle_dir.name:
-            raise BundleError(f"{bundle_dir}: manifest model_version {model.version!r} differs from the directory name")
+        """``Model.load`` with the signature policy: ``verify_bundle`` (with ``self.trust``) on the serving
+        session, the model built on it, warmed up."""
+        onnx = self.settings.onnx
+        manifest, session = verify_bundle(bundle_dir, lambda path: make_session(path, onnx), trust=self.trust)
+        if manifest.model_version != bundle_dir.name:
+            raise BundleError(f"{bundle_dir / 'manifest.json'}: model_version {manifest.model_version!r} differs "
+                              "from the directory name")
+        model = Model(bundle_dir, manifest, onnx, self.settings.fusion, session=session)
+        model.warmup()
         return model
+
+    def public(self, msg: str) -> str:
+        """``msg`` without server paths: the bundles directory becomes relative (``v1/model.onnx``), any
+        other absolute path is cut to its last component."""
+        for root in {str(self.dir), str(self.dir.absolute()), os.path.realpath(self.dir)}:
+            msg = msg.replace(root.rstrip(os.sep) + os.sep, "")
+        return _ABS_PATH.sub(lambda m: m.group(1) or "<path>", msg)
 
     def _swap(self, model: Model, trigger: str, started: float) -> Outcome:
         old = self.current
         self._set(primary=model, previous=old)  # the swap; the model before ``old`` is dropped here
+        _trim_heap()
         self.metrics.reloads.labels("success", trigger).inc()
         self.last_reload = {"version": model.version, "trigger": trigger, "at": _now(),
                             "seconds": round(time.perf_counter() - started, 4)}
         log.info("serving model %s (trigger %s, previous %s)", model.version, trigger, old.version if old else None)
         return Outcome("loaded", model.version, old.version if old else None)
 
-    def _fail(self, version: str | None, trigger: str, msg: str) -> None:
+    def _fail(self, version: str | None, trigger: str, err: ReloadError) -> ReloadError:
+        """Record a rejected load (metric, ``last_error`` with the public message, the log with the detail);
+        returns ``err`` for the caller to raise."""
         self.metrics.reloads.labels("failure", trigger).inc()
-        self.last_error = {"version": version, "error": msg, "trigger": trigger, "at": _now()}
-        log.error("bundle %s rejected (trigger %s): %s; still serving %s", version, trigger, msg,
+        self.last_error = {"version": version, "error": err.public, "trigger": trigger, "at": _now()}
+        log.error("bundle %s rejected (trigger %s): %s; still serving %s", version, trigger, err.detail,
                   self.current.version if self.current else None)
+        return err
 
     def _check_version(self, version: str | None, trigger: str) -> str:
+        """``version`` (None: what CURRENT names) when it follows the version-name rule; else ReloadError:
+        ``invalid`` for a name given by the caller, a plain (409) one for a bad pointer."""
+        from_pointer = version is None or trigger in ("poll", "startup")  # poll and startup pass what CURRENT names
         if version is None:
             version = self.pointer()
             self._pointer_seen = version
             if version is None:
-                msg = f"{self.dir / 'CURRENT'}: no CURRENT pointer"
-                self._fail(None, trigger, msg)
-                raise ReloadError(msg, not_found=True)
-        if not _VERSION.fullmatch(version) or version == "CURRENT":
-            msg = f"version {version!r}: not a valid version name"
-            self._fail(version, trigger, msg)
-            raise ReloadError(msg, not_found=True)
-        return version
+                missing = ReloadError("no CURRENT pointer", f"{self.dir / 'CURRENT'}: missing or empty", not_found=True)
+                raise self._fail(None, trigger, missing)
+        try:
+            return check_version_name(version)
+        except BundleError as err:
+            msg = f"CURRENT names an invalid version: {err}" if from_pointer else str(err)
+            raise self._fail(version[:200], trigger, ReloadError(msg, invalid=not from_pointer)) from None
 
     def _load(self, version: str, trigger: str) -> Model:
         """The model of ``version``: already in a slot, or loaded and verified now; ReloadError if not."""
@@ -183,22 +248,18 @@ class Registry:
             return hit
         bundle_dir = self.dir / version
         if not bundle_dir.is_dir():
-            msg = f"{bundle_dir}: no such bundle version"
-            self._fail(version, trigger, msg)
-            raise ReloadError(msg, not_found=True)
+            raise self._fail(version, trigger, ReloadError(f"version {version!r}: no such bundle version",
+                                                           f"{bundle_dir}: no such bundle version", not_found=True))
         try:
             return self._loader(bundle_dir)
         except ExpressionError as err:
             msg = f"fusion profiles do not fit bundle {version}: {err}"
-            self._fail(version, trigger, msg)
-            raise ReloadError(msg, config_error=True) from None
+            raise self._fail(version, trigger, ReloadError(self.public(msg), msg, config_error=True)) from None
         except BundleError as err:
-            self._fail(version, trigger, str(err))
-            raise ReloadError(str(err)) from None
+            raise self._fail(version, trigger, ReloadError(self.public(str(err)), str(err))) from None
         except Exception as err:  # noqa: BLE001 - onnxruntime/numpy raise their own types; reject the bundle
             msg = f"{bundle_dir}: {type(err).__name__}: {err}"
-            self._fail(version, trigger, msg)
-            raise ReloadError(msg) from None
+            raise self._fail(version, trigger, ReloadError(self.public(msg), msg)) from None
 
     def reload(self, version: str | None = None, trigger: str = "admin") -> Outcome:
         """Load ``version`` (None: what CURRENT names) into the primary slot; raises ReloadError on failure."""
@@ -227,6 +288,7 @@ class Registry:
             before = self.shadow
             if version is None:
                 self._set(shadow=None)
+                _trim_heap()
             else:
                 version = self._check_version(version, "shadow")
                 if before is None or before.version != version:
@@ -316,17 +378,39 @@ class Registry:
                         client.close()
             self._stop.wait(1.0)
 
-    def publish(self, version: str | None) -> int:
-        """Publish a reload on the channel (every subscribed worker/replica follows); returns receivers."""
-        import redis
-
+    def _channel(self) -> tuple[str, str]:
         url, channel = self.settings.pubsub_url, self.settings.reload.pubsub_channel
         if not url or not channel:
             raise ReloadError("broadcast needs reload.pubsub_channel and a Redis URL (reload.redis_url)")
+        return url, channel
+
+    def check_broadcast(self) -> None:
+        """The preconditions of a broadcast, checked before anything changes: a reload channel is configured
+        (else ReloadError, a 409) and its Redis answers a PING (else ReloadError ``unavailable``, a 503)."""
+        import redis
+
+        url, channel = self._channel()
+        client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
+        try:
+            client.ping()
+        except (redis.RedisError, OSError) as err:
+            log.warning("reload channel %s on %s unreachable: %s", channel, url, err)
+            raise ReloadError(f"reload channel {channel} unreachable; nothing changed", f"{url}: {err}",
+                              unavailable=True) from None
+        finally:
+            client.close()
+
+    def publish(self, version: str | None) -> int:
+        """Publish a reload on the channel (every subscribed worker/replica follows); returns receivers.
+        ReloadError (``unavailable``) when Redis cannot be reached; the detail (with the URL) is logged."""
+        import redis
+
+        url, channel = self._channel()
         client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
         try:
             return int(client.publish(channel, version or ""))
-        except redis.RedisError as err:
-            raise ReloadError(f"broadcast on {channel}: {err}") from None
+        except (redis.RedisError, OSError) as err:
+            log.error("broadcast on channel %s (%s) failed: %s", channel, url, err)
+            raise ReloadError(f"broadcast on channel {channel} failed", f"{url}: {err}", unavailable=True) from None
         finally:
             client.close()

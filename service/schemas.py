@@ -2,27 +2,48 @@
 
 Feature values are JSON scalars (string, number, boolean, null) or, for multi-valued features, a
 list of scalars. ``NaN``/``Infinity`` (which Python's JSON parser accepts) are rejected with a 422
-naming the field, as are strings over 1024 characters, lists over 256 values and integers beyond
-64 bits. Which features are numeric is known only to the loaded bundle, so "numeric feature given a
-non-number" is checked by the scorer (also a 422 naming the field).
+naming the field, as are strings over 1024 characters or holding a lone UTF-16 surrogate (a
+``\\ud800``-style escape without its pair: not Unicode text, and not encodable as UTF-8), lists over 256
+values and numbers outside the signed 64-bit range [-2^63, 2^63). Which features are numeric is known
+only to the loaded bundle, so "numeric feature given a non-number" is checked by the scorer (also a 422
+naming the field). Typed string fields (ids, feature names, label names) get pydantic's own check for
+lone surrogates (``string_unicode``).
+
+Types are strict: ``top_k`` takes a JSON integer only (JSON Schema's: ``3`` or ``3.0``), the flags JSON
+booleans only, labels JSON numbers only (no ``"1"``, ``true`` or ``0`` where the schema says integer,
+number or boolean).
+
+The OpenAPI document states every constraint JSON Schema can express. What depends on the loaded
+bundle (feature kinds, task names, binary labels), and the uniqueness of ``item_id`` (JSON Schema
+cannot state uniqueness by a key), is marked on the schema node with the extension
+``x-mtrank-runtime-check`` (``RUNTIME_CHECK``), whose text says what the server checks on top: a
+schema-valid value there can still be a 422 naming it. ``service.openapi`` adds the settings-dependent
+limits (``limits.max_candidates``, ``limits.max_feedback_events``, fusion profile names).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from mtrank.bundle import VERSION_PATTERN, VERSION_RULE
+
 MAX_STR = 1024
 MAX_LIST = 256
 MAX_FEATURES = 256
+MAX_NAME = 128
 _I64 = 1 << 63
+RUNTIME_CHECK = "x-mtrank-runtime-check"  # OpenAPI extension: what the server checks beyond the JSON Schema
 
 Id = Annotated[str, Field(min_length=1, max_length=256)]
+Name = Annotated[str, Field(max_length=MAX_NAME)]
 
 
 _NONE = type(None)
+_has_surrogate = re.compile("[\ud800-\udfff]").search  # a lone surrogate (a paired one is one astral code point)
 
 
 def _scalar(v: Any) -> Any:
@@ -30,12 +51,16 @@ def _scalar(v: Any) -> Any:
     if t is str:
         if len(v) > MAX_STR:
             raise PydanticCustomError("string_too_long", f"string longer than {MAX_STR} characters")
+        if not v.isascii() and _has_surrogate(v):  # isascii() is O(1) on CPython's ASCII strings: the common case
+            raise PydanticCustomError("string_unicode", "lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)")
     elif t is float:
         if v - v != 0.0:  # NaN or +-inf
             raise PydanticCustomError("finite_number", "NaN and Infinity are not allowed")
+        if not -_I64 <= v < _I64:
+            raise PydanticCustomError("int_range", "number outside the signed 64-bit range [-2^63, 2^63)")
     elif t is int:
         if not -_I64 <= v < _I64:
-            raise PydanticCustomError("int_range", "integer out of the 64-bit range")
+            raise PydanticCustomError("int_range", "number outside the signed 64-bit range [-2^63, 2^63)")
     elif t is not bool and t is not _NONE:
         raise PydanticCustomError("feature_type", "must be a string, number, boolean, null or a list of those")
     return v
@@ -54,12 +79,26 @@ def _feature_value(v: Any) -> Any:
     return _scalar(v)
 
 
-_SCALAR_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
+_SCALAR_SCHEMA = {"anyOf": [{"type": "string", "maxLength": MAX_STR},
+                             {"type": "number", "minimum": -_I64, "exclusiveMaximum": _I64},
+                             {"type": "boolean"}, {"type": "null"}]}
+FEATURE_CHECK = ("the loaded bundle's schema: a numeric feature takes a number, a boolean or a plain decimal numeral string "
+                 "(optional sign, digits, optional fraction and exponent) with a finite value; a categorical feature a "
+                 "scalar, not a list; with limits.unknown_features: reject, a name outside the schema is refused. "
+                 "A violation is a 422 naming the feature")
 FeatureValue = Annotated[
     Any, BeforeValidator(_feature_value),
-    WithJsonSchema({"anyOf": [*_SCALAR_SCHEMA["anyOf"], {"type": "array", "items": _SCALAR_SCHEMA}]}),
+    WithJsonSchema({"anyOf": [*_SCALAR_SCHEMA["anyOf"], {"type": "array", "maxItems": MAX_LIST, "items": _SCALAR_SCHEMA}],
+                    RUNTIME_CHECK: FEATURE_CHECK}),
 ]
-Features = Annotated[dict[Annotated[str, Field(max_length=128)], FeatureValue], Field(max_length=MAX_FEATURES)]
+Features = Annotated[dict[Name, FeatureValue], Field(max_length=MAX_FEATURES)]
+
+
+def _json_integer(v: Any) -> Any:
+    """JSON Schema's ``integer`` is a number with a zero fractional part, so ``3.0`` is one (converted to 3);
+    strings and booleans pass through to the strict ``int`` check, which refuses them (422)."""
+    return int(v) if type(v) is float and v.is_integer() else v
+
 
 
 class _Req(BaseModel):
@@ -67,7 +106,9 @@ class _Req(BaseModel):
 
 
 class Candidate(_Req):
-    item_id: Id = Field(description="Unique within the request; feeds an item feature named item_id if the schema has one")
+    item_id: Id = Field(description="Unique within the request; feeds an item feature named item_id if the schema has one",
+                        json_schema_extra={RUNTIME_CHECK: "unique within the request's candidates (JSON Schema cannot "
+                                           "state uniqueness by a key): a duplicate is a 422 naming the later one"})
     features: Features = Field(default_factory=dict, description="Item-side features by schema feature name")
 
 
@@ -76,11 +117,12 @@ class RankRequest(_Req):
     user_id: Id | None = Field(None, description="Feeds a user feature named user_id; keys the feature store and arms")
     context: Features = Field(default_factory=dict, description="User/context-side features by feature name")
     candidates: list[Candidate] = Field(description="Items to rank; empty list -> empty items (200)")
-    top_k: int | None = Field(None, ge=1, description="Return the best k (default: all)")
+    top_k: Annotated[int, Field(strict=True, ge=1), BeforeValidator(_json_integer)] | None = Field(
+        None, description="Return the best k (default: all)")
     fusion: str | None = Field(None, min_length=1, max_length=4096,
                                description="Fusion profile name, or an expression when fusion.allow_request_expressions")
-    return_task_scores: bool = True
-    raw_scores: bool = Field(False, description="Per-task scores before calibration")
+    return_task_scores: bool = Field(True, strict=True, description="false: task_scores is null")
+    raw_scores: bool = Field(False, strict=True, description="Per-task scores before calibration")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "request_id": "r1", "user_id": "u42", "context": {"device": "ios", "hour": 21},
@@ -105,14 +147,16 @@ class RankResponse(BaseModel):
     items: list[RankedItem]
 
 
-Label = Annotated[float, Field(allow_inf_nan=False)]
+LABEL_CHECK = ("the key names a scored task of the active bundle (GET /models: tasks); a binary task's label is 0 or 1. "
+               "A violation is a 422 naming the label")
+Label = Annotated[float, Field(allow_inf_nan=False, strict=True, json_schema_extra={RUNTIME_CHECK: LABEL_CHECK})]
 
 
 class FeedbackEvent(_Req):
     request_id: Id
     item_id: Id
-    labels: dict[Annotated[str, Field(max_length=128)], Label] = Field(
-        min_length=1, max_length=64, description="Task name -> label (0/1 for binary tasks)")
+    labels: dict[Annotated[str, Field(min_length=1, max_length=MAX_NAME)], Label] = Field(
+        min_length=1, max_length=64, description="Task name -> label (0/1 for binary tasks); JSON numbers only")
 
 
 class FeedbackRequest(_Req):
@@ -126,8 +170,10 @@ class FeedbackResponse(BaseModel):
 
 
 class ReloadRequest(_Req):
-    version: Id | None = Field(None, description="Version to load; absent = follow CURRENT")
-    broadcast: bool = Field(False, description="Also publish on the reload channel so every worker/replica follows")
+    version: Id | None = Field(None, pattern=VERSION_PATTERN,
+                               description=f"Version to load; absent = follow CURRENT. A version name: {VERSION_RULE}")
+    broadcast: bool = Field(False, strict=True,
+                            description="Also publish on the reload channel so every worker/replica follows")
 
 
 class ModelError(BaseModel):
@@ -165,7 +211,8 @@ class ReloadResponse(BaseModel):
 
 
 class ShadowRequest(_Req):
-    version: Id = Field(description="Bundle version to load into the shadow slot")
+    version: Id = Field(pattern=VERSION_PATTERN,
+                        description=f"Bundle version to load into the shadow slot. A version name: {VERSION_RULE}")
 
 
 class ShadowResponse(BaseModel):
@@ -206,5 +253,14 @@ class RoutingResponse(BaseModel):
     calibration: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per binary task: windowed ECE")
 
 
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="Where: 'body', then keys and list indices")
+    msg: str
+    type: str
+
+
 class ErrorResponse(BaseModel):
-    detail: Any
+    """Every 4xx/5xx body: ``detail`` is a message, or (422) the list of errors; 422s add ``message``."""
+
+    detail: str | list[ErrorItem]
+    message: str | None = Field(None, description="422: the errors on one line, 'body.candidates.3.item_id: ...; ...'")

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from mtrank.bundle import BundleManifest, Calibration, verify_bundle
-from mtrank.encoding import FeatureEncoder, FittedFeature
+from mtrank.encoding import FeatureEncoder, FittedFeature, numeric_value
 from service import fusion as fusion_mod
 from service.feature_store import EMPTY, Row, StoreResult
 from service.settings import DEFAULT_PROFILE, FusionSettings, OnnxSettings
@@ -70,15 +70,11 @@ class Scored:
 
 
 def _is_number(v: Any) -> bool:
-    if v is None or isinstance(v, (int, float)):
-        return True
-    if isinstance(v, str):
-        try:
-            float(v)
-        except ValueError:
-            return False
-        return True
-    return False
+    """Missing (None), or a value ``mtrank.encoding.numeric_value`` takes (the one numeric-feature rule)."""
+    return v is None or numeric_value(v) is not None
+
+
+_NUMBER = "a finite number, boolean or plain decimal numeral string"
 
 
 def _is_scalar(v: Any) -> bool:
@@ -218,13 +214,17 @@ class Model:
             from_request = v is not None
             if v is None and f.side == "user":
                 v = user_row.get(f.name)
-            ok = _is_number(v) if f.kind == "numeric" else (f.kind == "multi_categorical" or _is_scalar(v))
-            if not ok:
+            if f.kind == "numeric":
+                x = None if v is None else numeric_value(v)
+                if x is None and v is not None and from_request:
+                    raise InputError(req_loc, f"numeric feature {f.name!r} needs {_NUMBER}, got {v!r}"[:300])
+                cols[f.name] = np.array([np.nan if x is None else x], dtype=np.float64)  # bad store value = missing
+                continue
+            if not (f.kind == "multi_categorical" or _is_scalar(v)):
                 if from_request:
-                    what = "a number" if f.kind == "numeric" else "a single value (not a list)"
-                    raise InputError(req_loc, f"{f.kind} feature {f.name!r} needs {what}, got {v!r}"[:300])
+                    raise InputError(req_loc, f"{f.kind} feature {f.name!r} needs a single value (not a list), got {v!r}"[:300])
                 v = None  # a bad store value counts as missing
-            cols[f.name] = np.array([v], dtype=np.float64) if f.kind == "numeric" else [v]
+            cols[f.name] = [v]
         return cols
 
     def item_columns(self, inp: RankInput, rows: Sequence[Row]) -> dict[str, Any]:
@@ -252,14 +252,17 @@ class Model:
         return cols
 
     def _numeric_column(self, f: FittedFeature, col: list[Any], feats: list[Mapping[str, Any]]) -> np.ndarray:
-        try:
-            arr = np.array(col, dtype=np.float64)  # [n]; None -> NaN (= default); fast path
-            if arr.ndim == 1:
-                return arr
-        except (TypeError, ValueError, OverflowError):
-            pass
-        col = self._repair(f, col, feats, _is_number, "a number")
-        return np.array(col, dtype=np.float64)
+        """float64 [n], NaN = missing (the schema default). Request values follow ``numeric_value`` (else a
+        422); store values it refuses count as missing."""
+        if str not in map(type, col):  # no strings (the common case): numpy converts numbers, bools and None at once
+            try:
+                arr = np.array(col, dtype=np.float64)  # [n]; None -> NaN (= default)
+                if arr.ndim == 1:  # request numbers are finite (schema); a store's +-inf becomes the default like NaN
+                    return arr
+            except (TypeError, ValueError, OverflowError):
+                pass
+        col = self._repair(f, col, feats, _is_number, _NUMBER)  # strings, lists, store values out of range
+        return np.array([np.nan if v is None else numeric_value(v) for v in col], dtype=np.float64)
 
     def _repair(self, f: FittedFeature, col: list[Any], feats: list[Mapping[str, Any]], ok: Callable[[Any], bool],
                 what: str) -> list[Any]:

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from mtrank.bundle import BundleError, check_version_name
 from mtrank.config import ConfigError, read_yaml_mapping
 
 DEFAULT_PROFILE = "default"
@@ -56,6 +57,36 @@ class ReloadSettings(_S):
     poll_interval_ms: int = Field(1000, ge=0)  # CURRENT pointer polling; 0 disables
     pubsub_channel: str | None = "mtrank:reload"  # fleet reloads; needs a Redis URL (below)
     redis_url: str | None = None  # default: feature_store.redis.url when the backend is redis
+
+
+class BundleTrustSettings(_S):
+    """Which bundles the registry accepts (``mtrank.signing``): Ed25519 keys that may sign them."""
+
+    public_keys: list[str] = []  # PEM files of trusted Ed25519 public keys (read and checked at start)
+    require_signature: bool | None = None  # refuse unsigned bundles; default: true when public_keys is set
+
+    @field_validator("public_keys")
+    @classmethod
+    def _keys_load(cls, v: list[str]) -> list[str]:
+        from mtrank.signing import load_public_key
+
+        for i, path in enumerate(v):
+            try:
+                load_public_key(path)
+            except BundleError as err:
+                raise ValueError(f"{i}: {err}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _require_needs_keys(self) -> BundleTrustSettings:
+        if self.require_signature and not self.public_keys:
+            raise ValueError("require_signature: needs at least one key in bundles.public_keys")
+        return self
+
+    @property
+    def required(self) -> bool:
+        """Whether an unsigned bundle is refused (``require_signature``, defaulting to "keys are configured")."""
+        return bool(self.public_keys) if self.require_signature is None else self.require_signature
 
 
 class AdminSettings(_S):
@@ -154,6 +185,11 @@ class FeedbackSettings(_S):
     prediction_requests: int = Field(50_000, gt=0)  # memory/sqlite: /rank responses kept for the feedback join
     prediction_items: int = Field(1_000_000, gt=0)  # ... and at most this many candidates over all of them
     prediction_ttl_s: float = Field(3600.0, gt=0)  # predictions, and labels (from their first label), expire
+    # Labels whose request has no kept prediction when they arrive ("orphans": unknown or expired request ids)
+    # get a bound of their own, so they cannot crowd out the labels that join: memory/sqlite keep at most
+    # orphan_max_events such (request, item) keys (oldest evicted); every backend expires them after orphan_ttl_s.
+    orphan_max_events: int = Field(10_000, gt=0)
+    orphan_ttl_s: float = Field(300.0, gt=0)
     sqlite_path: str | None = None  # one file shared by the workers of a host (serve() sets one for workers > 1)
     sqlite_busy_timeout_ms: int = Field(1000, ge=0)  # wait this long for another process's write lock
     redis_url: str | None = None  # default: feature_store.redis.url when feature_store.backend is redis
@@ -210,6 +246,16 @@ class ShadowSettings(_S):
     queue_size: int = Field(64, gt=0)  # pending shadow jobs; a full queue drops (counted)
     top_k: int = Field(10, gt=0)  # k of the top-k overlap
 
+    @field_validator("version")
+    @classmethod
+    def _version_name(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                check_version_name(v)
+            except BundleError as err:
+                raise ValueError(str(err).removeprefix(f"version {v!r}: ")) from None
+        return v
+
 
 class GCSettings(_S):
     freeze: bool = True  # gc.freeze() after start-up: long-lived objects leave the young generations
@@ -234,6 +280,7 @@ class Settings(BaseSettings):
     onnx: OnnxSettings = OnnxSettings()
     reload: ReloadSettings = ReloadSettings()
     admin: AdminSettings = AdminSettings()
+    bundles: BundleTrustSettings = BundleTrustSettings()  # bundle signatures (next to bundles_dir)
     feature_store: FeatureStoreSettings = FeatureStoreSettings()
     fusion: FusionSettings = FusionSettings()
     experiments: list[ExperimentArm] = []

@@ -7,13 +7,54 @@ import sys
 
 import numpy as np
 
-from mtrank.encoding import FeatureEncoder, FittedFeature, FittedSchema, canonical_strings, fnv1a64
+from mtrank.encoding import (
+    FeatureEncoder,
+    FittedFeature,
+    FittedSchema,
+    canonical_strings,
+    fnv1a64,
+    numeric_value,
+    to_float,
+)
 
 
 def test_fnv1a64_known_vectors() -> None:
     # Reference values of FNV-1a 64 (http://www.isthe.com/chongo/tech/comp/fnv/ test vectors).
     got = fnv1a64(np.array(["", "a", "foobar"]))
     assert got.tolist() == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C, 0x85944171F73967E8]
+
+
+def _fnv_reference(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) % (1 << 64)
+    return h
+
+
+def test_fnv1a64_hashes_lone_surrogates_as_surrogatepass_bytes() -> None:
+    """A lone surrogate (JSON "\\ud800") has no UTF-8 form: it used to raise (a 500 in the service); it now hashes
+    its surrogatepass bytes, and every other string keeps its UTF-8 hash."""
+    values = ["\ud800", "a\udfffb", "é", "😀", "plain"]
+    got = fnv1a64(np.array(values)).tolist()
+    assert got == [_fnv_reference(v.encode("utf-8", "surrogatepass")) for v in values]
+    assert got[2:] == [_fnv_reference(v.encode("utf-8")) for v in values[2:]]
+    enc = FeatureEncoder(_schema())
+    out = enc.encode("item", {"tags": [["\ud800", "x"], "y|\udc00"]}, 2)["item_ids"]
+    assert (out[:, :2] > 0).all()
+
+
+def test_numeric_value_rule() -> None:
+    """The one numeric-feature rule: finite numbers, booleans, plain decimal numerals; nothing else."""
+    ok = [(1, 1.0), (-2.5, -2.5), (True, 1.0), (False, 0.0), ("12", 12.0), ("-0.5", -0.5), ("+7", 7.0), ("1e3", 1000.0),
+          ("2.5E-1", 0.25), ("1e-400", 0.0), (np.float32(1.5), 1.5), (np.int64(3), 3.0), (2**63, float(2**63))]
+    for v, want in ok:
+        assert numeric_value(v) == want, v
+    for v in ["inf", "-inf", "Infinity", "nan", "NaN", "1e309", "1_000", " 12", "12 ", "12\n", "", "0x10", "\u0661\u0662",
+              ".5", "5.", "1e", "--1", "1,5", float("nan"), float("inf"), 10**400, [1], {}, b"1", None]:
+        assert numeric_value(v) is None, v
+    got = to_float(np.array(["12.5", "inf", "1_000", None, "", 3], dtype=object))
+    np.testing.assert_array_equal(got, [12.5, np.nan, np.nan, np.nan, np.nan, 3.0])
+    np.testing.assert_array_equal(to_float(np.array([1.0, np.inf])), [1.0, np.inf])  # numeric arrays (the trainer's): as they are
 
 
 def test_hash_is_stable_across_processes() -> None:

@@ -1,11 +1,26 @@
 """The prediction log and the feedback join: what ``/rank`` answered, joined with the labels ``/feedback`` brings.
 
 ``/rank`` calls :meth:`JoinStore.put` with the request's scores (one entry per request); ``/feedback``
-calls :meth:`JoinStore.ingest` with validated events. **Dedup rule:** per ``(request_id, item_id)`` the
-first value of each task label wins; an event that adds no new label is a duplicate. Labels for a key
-with no kept prediction (unknown request or item, expired prediction) are still recorded, so their
-duplicates are counted too, and are accepted but not joined. Each new label of a key that matches a
-kept prediction comes back as a :class:`JoinedLabel` with the scores served for it.
+calls :meth:`JoinStore.ingest` with validated events.
+
+**Request ids are single-use:** while a prediction is kept under a request id, ``put`` with that id
+keeps the first answer, writes nothing and returns ``"reused"`` (``/rank`` answers 409); the check and
+the write are one atomic step in every backend (dict check under the lock, ``INSERT OR IGNORE``,
+``SET NX``). Once the prediction has expired or been evicted the id is free again.
+
+**Dedup rule:** per ``(request_id, item_id)`` the first value of each task label wins; an event that
+adds no new label is a duplicate. Labels for a key with no kept prediction (unknown request or item,
+expired prediction) are still recorded, so their duplicates are counted too, and are accepted but not
+joined. Each new label of a key that matches a kept prediction comes back as a :class:`JoinedLabel`
+with the scores served for it.
+
+**Orphans:** a label key whose request has no kept prediction when its first label arrives (an unknown
+or expired request id) is an *orphan*. Orphans have a bound of their own, so feedback for unknown
+requests cannot crowd out the labels that join: they expire after ``feedback.orphan_ttl_s`` (all
+backends; Redis: the request's label hash gets that TTL) and memory/sqlite keep at most
+``feedback.orphan_max_events`` orphan keys (oldest evicted). A key keeps its class for its lifetime.
+Accepted events whose request has no kept prediction are counted in :attr:`IngestResult.orphans`
+(``mtrank_feedback_events_total{result="orphan"}``).
 
 Backends (``feedback.backend``; one module each):
 
@@ -28,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
@@ -39,10 +54,13 @@ if TYPE_CHECKING:
     from service.metrics import Metrics
     from service.settings import Settings
 
-__all__ = ["IngestResult", "JoinStore", "JoinStoreUnavailable", "JoinedLabel", "build_join_store",
+__all__ = ["IngestResult", "JoinStore", "JoinStoreUnavailable", "JoinedLabel", "PutResult", "build_join_store",
            "feedback_redis_url", "resolve_backend"]
 
 Event = tuple[str, str, dict[str, float]]  # (request_id, item_id, {task: label}), validated by the caller
+# What ``put`` did: "kept" (the prediction is in the log), "reused" (the id already had a kept prediction:
+# nothing written), "failed" (a backend fault, counted and logged: the request is served as usual).
+PutResult = Literal["kept", "reused", "failed"]
 
 
 @dataclass(frozen=True)
@@ -62,19 +80,31 @@ class IngestResult:
     accepted: int = 0  # events that added at least one new label
     duplicates: int = 0  # events whose labels were all recorded already (first value wins)
     joined: int = 0  # accepted events matched to a kept prediction
+    orphans: int = 0  # accepted events whose request has no kept prediction (module docstring, "Orphans")
     labels: list[JoinedLabel] = field(default_factory=list)  # one per new label of a joined event
 
-    def record(self, item_id: str, new: Mapping[str, float] | None, prediction: Prediction | None) -> None:
-        """Count one event: a duplicate when it brought no new label; else accepted, and joined (its new labels
-        with the served scores) when ``prediction`` ranked ``item_id``."""
+    def record(self, item_id: str, new: Mapping[str, float] | None, prediction: Prediction | None,
+               orphan: bool = False) -> None:
+        """Count one event: a duplicate when it brought no new label; else accepted (and an orphan when its
+        request has no kept prediction), and joined (its new labels with the served scores) when
+        ``prediction`` ranked ``item_id``."""
         if not new:
             self.duplicates += 1
             return
         self.accepted += 1
+        self.orphans += orphan
         joined = prediction.join(item_id, new) if prediction is not None else None
         if joined is not None:
             self.joined += 1
             self.labels.extend(joined)
+
+
+def count_orphans(metrics: Metrics | None, res: IngestResult) -> IngestResult:
+    """Every backend's ``ingest`` ends here: the accepted orphan events into
+    ``mtrank_feedback_events_total{result="orphan"}`` (the other results are counted by ``/feedback``)."""
+    if metrics is not None and res.orphans:
+        metrics.feedback.labels("orphan").inc(res.orphans)
+    return res
 
 
 class JoinStoreUnavailable(Exception):
@@ -85,9 +115,10 @@ class JoinStore(Protocol):
     backend: str  # "memory" | "sqlite" | "redis"
 
     def put(self, request_id: str, model_version: str, arm: str | None, item_ids: list[str], task_names: list[str],
-            raw: Mapping[str, np.ndarray], calibrated: Mapping[str, np.ndarray]) -> None:
+            raw: Mapping[str, np.ndarray], calibrated: Mapping[str, np.ndarray]) -> PutResult:
         """Keep one /rank answer: ``item_ids`` [n]; ``raw[t]`` / ``calibrated[t]`` float [n] for every t in
-        ``task_names`` [T]. Replaces an earlier answer under the same request id. Never raises for backend faults."""
+        ``task_names`` [T]. ``"reused"`` (nothing written) when a prediction is already kept under ``request_id``
+        (single-use rule above). Never raises for backend faults (``"failed"``)."""
         ...
 
     def ingest(self, events: list[Event]) -> IngestResult:
@@ -132,6 +163,7 @@ def build_join_store(settings: Settings, metrics: Metrics) -> JoinStore:
         url = feedback_redis_url(settings)
         assert url is not None
         store = RedisJoinStore(url, metrics, prefix=fb.key_prefix, ttl_s=fb.prediction_ttl_s,
+                               orphan_ttl_s=fb.orphan_ttl_s,
                                socket_timeout_s=fb.socket_timeout_ms / 1000.0, retry_after_s=fb.retry_after_ms / 1000.0,
                                log_interval_s=settings.feature_store.log_interval_s)
     elif backend == "sqlite":
@@ -140,13 +172,15 @@ def build_join_store(settings: Settings, metrics: Metrics) -> JoinStore:
         assert fb.sqlite_path is not None
         store = SqliteJoinStore(fb.sqlite_path, metrics, ttl_s=fb.prediction_ttl_s,
                                 max_requests=fb.prediction_requests, max_items=fb.prediction_items,
-                                max_events=fb.max_events, busy_timeout_ms=fb.sqlite_busy_timeout_ms,
+                                max_events=fb.max_events, orphan_ttl_s=fb.orphan_ttl_s,
+                                max_orphans=fb.orphan_max_events, busy_timeout_ms=fb.sqlite_busy_timeout_ms,
                                 log_interval_s=settings.feature_store.log_interval_s)
     else:
         from service.feedback.memory import MemoryJoinStore
 
         store = MemoryJoinStore(ttl_s=fb.prediction_ttl_s, max_requests=fb.prediction_requests,
-                                max_items=fb.prediction_items, max_events=fb.max_events)
+                                max_items=fb.prediction_items, max_events=fb.max_events,
+                                orphan_ttl_s=fb.orphan_ttl_s, max_orphans=fb.orphan_max_events, metrics=metrics)
     for op in ("put", "ingest"):
         metrics.join_errors.labels(store.backend, op)
     return store

@@ -165,6 +165,13 @@ BAD = [  # (request body, expected status, loc the error must name)
     ({"candidates": [{"item_id": "a"}], "fusion": "ctr +"}, 422, ["body", "fusion"]),
     ({"candidates": [{"item_id": "a"}], "fusion": "x" * 600}, 422, ["body", "fusion"]),
     ({"candidates": [{"item_id": "a"}], "fusion": ""}, 422, ["body", "fusion"]),
+    # strict types: no coercion of strings, booleans or numbers into another JSON type
+    ({"candidates": [], "top_k": "1"}, 422, ["body", "top_k"]),
+    ({"candidates": [], "top_k": True}, 422, ["body", "top_k"]),
+    ({"candidates": [], "return_task_scores": "no"}, 422, ["body", "return_task_scores"]),
+    ({"candidates": [], "return_task_scores": 1}, 422, ["body", "return_task_scores"]),
+    ({"candidates": [], "raw_scores": 0}, 422, ["body", "raw_scores"]),
+    ({"candidates": [], "raw_scores": "true"}, 422, ["body", "raw_scores"]),
 ]
 
 
@@ -172,6 +179,15 @@ def pick(manifest: Any, side: tuple[str, ...], kind: str) -> str:
     """A feature of the bundle's schema with that side and kind (names differ between demo configs)."""
     return next(f.name for f in manifest.schema.features
                 if f.side in side and f.kind == kind and f.name not in ("user_id", "item_id"))
+
+
+def fill_text(text: str, manifest: Any) -> str:
+    """``fill`` for raw JSON text."""
+    for placeholder, side, kind in (("<num_item>", ("item",), "numeric"), ("<cat_item>", ("item",), "categorical"),
+                                    ("<num_req>", ("user", "context"), "numeric"),
+                                    ("<cat_req>", ("user", "context"), "categorical")):
+        text = text.replace(placeholder, pick(manifest, side, kind))
+    return text
 
 
 def fill(obj: Any, manifest: Any) -> Any:
@@ -200,6 +216,117 @@ def test_nan_and_infinity_tokens_rejected(client: httpx.Client, token: str) -> N
     assert r.json()["detail"][0]["loc"] == ["body", "candidates", 0, "features", "price"]
     r = _raw(client, '{"candidates": [], "context": {"hour": [1, TOKEN]}}'.replace("TOKEN", token))
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][:3] == ["body", "context", "hour"]
+
+
+SURROGATES = [  # raw JSON text holding a lone-surrogate escape, and the loc its 422 must name
+    ('{"candidates": [{"item_id": "a", "features": {"<cat_item>": "\\ud800"}}]}', ["body", "candidates", 0, "features", "<cat_item>"]),
+    ('{"candidates": [{"item_id": "a", "features": {"<cat_item>": "ok \\udfff ok"}}]}', ["body", "candidates", 0, "features", "<cat_item>"]),
+    ('{"candidates": [{"item_id": "a", "features": {"<cat_item>": ["x", "\\ud800"]}}]}', ["body", "candidates", 0, "features", "<cat_item>"]),
+    ('{"candidates": [{"item_id": "a"}], "context": {"<cat_req>": "\\ud800"}}', ["body", "context", "<cat_req>"]),
+    ('{"candidates": [{"item_id": "a"}], "context": {"<cat_req>": ["\\udbff"]}}', ["body", "context", "<cat_req>"]),
+    ('{"candidates": [{"item_id": "a"}], "context": {"\\ud800": "x"}}', ["body", "context"]),
+    ('{"candidates": [{"item_id": "a", "features": {"k\\ud800": 1}}]}', ["body", "candidates", 0, "features"]),
+    ('{"candidates": [{"item_id": "\\ud800"}]}', ["body", "candidates", 0, "item_id"]),
+    ('{"candidates": [{"item_id": "a"}], "user_id": "u\\ud800"}', ["body", "user_id"]),
+    ('{"candidates": [{"item_id": "a"}], "request_id": "\\udc00"}', ["body", "request_id"]),
+    ('{"candidates": [{"item_id": "a"}], "fusion": "\\ud800"}', ["body", "fusion"]),
+]
+
+
+@pytest.mark.parametrize("text, loc", SURROGATES, ids=[f"surrogate{i}" for i in range(len(SURROGATES))])
+def test_lone_surrogates_are_422_naming_the_field(served, client: httpx.Client, text: str, loc: list[Any]) -> None:
+    """A ``\\ud800`` escape decodes to a string UTF-8 cannot encode: rejected at validation (was a 500 from the
+    encoder for values, and from encoding the error body for keys)."""
+    text, loc = fill_text(text, served[1]), fill(loc, served[1])
+    r = _raw(client, text)
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert any(d["loc"][: len(loc)] == loc for d in err["detail"]), err
+    assert "surrogate" in err["message"]
+    if loc[-1] == "fusion" or '["' in text:  # no valid twin: an emoji is no profile, a categorical takes no list
+        return
+    # a paired surrogate escape is one astral code point: fine
+    ok = text.replace("\\ud800", "\\ud83d\\ude00").replace("\\udfff", "\\ud83d\\ude00").replace(
+        "\\udbff", "\\ud83d\\ude00").replace("\\udc00", "\\ud83d\\ude00")
+    assert _raw(client, ok).status_code == 200, ok
+
+
+def test_lone_surrogate_in_a_feedback_label_name(client: httpx.Client) -> None:
+    r = client.post("/feedback", content='{"events": [{"request_id": "r", "item_id": "i", "labels": {"\\ud800": 1}}]}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:4] == ["body", "events", 0, "labels"]
+
+
+NOT_NUMBERS = ["inf", "-inf", "Infinity", "nan", "NaN", "1e309", "-1e309", "1_000", " 12", "12 ", "0x10", "",
+               "\u0661\u0662", ".5", "5.", "1e", "--1", "12abc"]
+NUMBERS = [("12.5", 12.5), ("-3", -3.0), ("+7", 7.0), ("1e3", 1000.0), ("2.5E-1", 0.25), (True, 1.0), (7, 7.0)]
+
+
+@pytest.mark.parametrize("value", NOT_NUMBERS, ids=[f"not_number{i}" for i in range(len(NOT_NUMBERS))])
+def test_numeric_features_refuse_strings_outside_the_rule(served, client: httpx.Client, value: str) -> None:
+    """One rule (mtrank.encoding.numeric_value): strings must be plain decimal numerals with a finite value.
+    "inf", "nan", "1e309" were silently mapped to the default, "1_000" parsed as 1000."""
+    num_item, num_req = pick(served[1], ("item",), "numeric"), pick(served[1], ("user", "context"), "numeric")
+    r = client.post("/rank", json={"candidates": [{"item_id": "a"}, {"item_id": "b", "features": {num_item: value}}]})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "candidates", 1, "features", num_item]
+    r = client.post("/rank", json={"candidates": [{"item_id": "a"}], "context": {num_req: value}})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "context", num_req]
+
+
+@pytest.mark.parametrize("value, number", NUMBERS)
+def test_numeric_features_take_numbers_booleans_and_numerals(served, client: httpx.Client, value: Any,
+                                                             number: float) -> None:
+    num_item, num_req = pick(served[1], ("item",), "numeric"), pick(served[1], ("user", "context"), "numeric")
+
+    def scores(v: Any) -> list[Any]:
+        body = {"candidates": [{"item_id": "a", "features": {num_item: v}}], "context": {num_req: v}, "raw_scores": True}
+        r = client.post("/rank", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["items"]
+
+    assert scores(value) == scores(number)  # a numeral string scores like the number it spells
+
+
+def test_store_values_outside_the_numeric_rule_count_as_missing(served) -> None:
+    from service.feature_store import StoreResult
+    from service.scorer import RankInput
+
+    srv, manifest = served
+    model = srv.services.registry.current
+    num_item = pick(manifest, ("item",), "numeric")
+    rows = [{num_item: v} for v in ("inf", "1_000", "nan", float("inf"), 10**400, [1], "12.5", 3, None)]
+    inp = RankInput(None, {}, [f"i{k}" for k in range(len(rows))], [{}] * len(rows))
+    col = model.item_columns(inp, rows)[num_item]
+    assert np.isnan(col[:6]).all() and col[6:8].tolist() == [12.5, 3.0] and np.isnan(col[8])
+    ranked = model.score(inp, StoreResult(items=rows))  # the missing ones score like an absent value
+    missing = model.score(inp, StoreResult())
+    for t, v in ranked.raw.items():
+        np.testing.assert_allclose(v[[0, 1, 2, 3, 4, 5, 8]], missing.raw[t][[0, 1, 2, 3, 4, 5, 8]], rtol=1e-6)
+
+
+def test_json_errors_name_the_position_and_the_content_type(client: httpx.Client) -> None:
+    text = '{"candidates": [\n  {"item_id": "a",}\n]}'
+    with pytest.raises(json.JSONDecodeError) as syntax:
+        json.loads(text)
+    assert (syntax.value.lineno, syntax.value.colno) == (2, 19)
+    r = _raw(client, text.encode())
+    assert r.status_code == 422, r.text
+    d = r.json()["detail"][0]
+    assert d["loc"] == ["body"] and d["type"] == "json_invalid"
+    assert d["msg"] == "invalid JSON at line 2, column 19: Expecting property name enclosed in double quotes", d
+    for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {}):
+        r = client.post("/rank", content=b'{"candidates": []}', headers=headers)
+        assert r.status_code == 422, r.text
+        d = r.json()["detail"][0]
+        assert d["type"] == "content_type" and "application/json" in d["msg"], d
+        assert (headers.get("content-type") or "no Content-Type") in d["msg"]
+    r = _raw(client, b'{"candidates": [], "user_id": "\xff"}')
+    assert r.status_code == 400 and "not valid UTF-8" in r.json()["detail"], r.text
+    r = _raw(client, "[" * 30_000 + "]" * 30_000)  # under the module server's 64 kB body limit
+    assert r.status_code == 400 and "nested too deeply" in r.json()["detail"], r.text
+    assert client.post("/rank", json={"candidates": []}, headers={"content-type": "application/vnd.x+json"}).status_code == 200
 
 
 def test_malformed_json_and_content_type(client: httpx.Client) -> None:
@@ -280,6 +407,9 @@ def test_feedback_validate_dedup_join(served, client: httpx.Client) -> None:
       {"request_id": "r", "item_id": "j", "labels": {"ctr": 2}}], ["body", "events", 1, "labels", "ctr"]),
     ([{"request_id": "r", "item_id": "i", "labels": {}}], ["body", "events", 0, "labels"]),
     ([{"request_id": "r", "item_id": "i", "labels": {"ctr": "yes"}}], ["body", "events", 0, "labels", "ctr"]),
+    ([{"request_id": "r", "item_id": "i", "labels": {"ctr": "1"}}], ["body", "events", 0, "labels", "ctr"]),
+    ([{"request_id": "r", "item_id": "i", "labels": {"ctr": True}}], ["body", "events", 0, "labels", "ctr"]),
+    ([{"request_id": "r", "item_id": "i", "labels": {"": 1}}], ["body", "events", 0, "labels"]),
     ([{"request_id": "r", "labels": {"ctr": 1}}], ["body", "events", 0, "item_id"]),
     ([], ["body", "events"]),
 ])
@@ -339,19 +469,87 @@ def test_admin_auth(tmp_path: Path, make_bundle, start_server) -> None:
         r = c.post("/admin/reload", headers={"Authorization": "Bearer anything"})
         assert r.status_code == 403 and "disabled" in r.json()["detail"]
         assert c.post("/admin/rollback").status_code == 403
+        assert c.delete("/admin/shadow").status_code == 403  # disabled wins over missing credentials
     on = start_server(tmp_path, admin={"token": "s3cret"})
     with on.client() as c:
-        assert c.post("/admin/reload").status_code == 403
-        assert c.post("/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 403
-        assert c.post("/admin/reload", headers={"Authorization": "Basic s3cret"}).status_code == 403
+        # RFC 6750: no bearer credentials -> 401 with a Bearer challenge; a wrong token -> 403
+        for headers in ({}, {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer"}, {"Authorization": "s3cret"}):
+            for r in (c.post("/admin/reload", headers=headers), c.post("/admin/rollback", headers=headers),
+                      c.put("/admin/shadow", json={"version": "x"}, headers=headers), c.delete("/admin/shadow", headers=headers)):
+                assert r.status_code == 401, (headers, r.request.url, r.text)
+                assert r.headers["www-authenticate"].startswith("Bearer"), r.headers
+                assert "missing bearer token" in r.json()["detail"]
+        r = c.post("/admin/reload", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 403 and "www-authenticate" not in r.headers and r.json()["detail"] == "invalid bearer token"
         ok = c.post("/admin/reload", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["status"] == "unchanged"
         r = c.post("/admin/reload", json={"version": "../etc"}, headers={"Authorization": "Bearer s3cret"})
-        assert r.status_code == 404
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "version"]  # the version-name rule
         r = c.post("/admin/reload", json={"version": "v-missing"}, headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 404 and "no such bundle" in r.json()["detail"]
         r = c.post("/admin/rollback", headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 404 and "no previous" in r.json()["detail"]
+
+
+def test_docs_served_from_local_assets(client: httpx.Client) -> None:
+    """/docs and /redoc reference only assets the server itself serves (they were on a CDN: blank offline)."""
+    import re
+
+    for page, kinds in (("/docs", {"swagger-ui-bundle.js", "swagger-ui.css"}), ("/redoc", {"redoc.standalone.js"})):
+        r = client.get(page)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), r.text
+        urls = re.findall(r'(?:src|href)\s*[=:]\s*["\']([^"\']+)["\']', r.text)
+        assert {u.rsplit("/", 1)[-1] for u in urls} >= kinds, urls
+        assert not [u for u in urls if "//" in u], f"{page} loads from another host: {urls}"
+        assert "/openapi.json" in r.text
+        for url in urls:
+            asset = client.get(url)
+            assert asset.status_code == 200 and len(asset.content) > 500, url
+            if url.endswith(".js"):
+                assert "javascript" in asset.headers["content-type"], (url, asset.headers)
+            elif url.endswith(".css"):
+                assert asset.headers["content-type"].startswith("text/css"), (url, asset.headers)
+    swagger = client.get("/docs-assets/swagger-ui-bundle.js").text
+    assert "3.1" in client.get("/openapi.json").json()["openapi"] and "SwaggerUIBundle" in swagger
+
+
+def test_top_k_takes_what_json_schema_calls_an_integer(client: httpx.Client) -> None:
+    """Strict, but by JSON Schema's definition: 3.0 is the integer 3; "3", true and 2.5 are not integers."""
+    assert len(client.post("/rank", json=rank_body(5, top_k=3.0)).json()["items"]) == 3
+    for bad in ("3", True, 2.5):
+        assert client.post("/rank", json=rank_body(5, top_k=bad)).status_code == 422, bad
+
+
+def test_405_allow_lists_every_method_of_the_path(client: httpx.Client) -> None:
+    """/admin/shadow is two routes (PUT, DELETE): Starlette's 405 named only the first in Allow."""
+    for method, path, allow in (("OPTIONS", "/admin/shadow", "DELETE, PUT"), ("PATCH", "/admin/shadow", "DELETE, PUT"),
+                                ("GET", "/rank", "POST"), ("POST", "/docs", "GET")):
+        r = client.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers)
+
+
+def test_openapi_states_statuses_and_limits(served, client: httpx.Client) -> None:
+    """Every status an operation can answer is in its responses; the settings' limits are in the schemas."""
+    doc = client.get("/openapi.json").json()
+    want = {("post", "/rank"): {"200", "400", "409", "413", "422", "503"},
+            ("post", "/feedback"): {"200", "400", "413", "422", "503"},
+            ("post", "/admin/reload"): {"200", "400", "401", "403", "404", "409", "413", "422", "502", "503"},
+            ("put", "/admin/shadow"): {"200", "400", "401", "403", "404", "409", "413", "422"},
+            ("post", "/admin/rollback"): {"200", "401", "403", "404"}, ("delete", "/admin/shadow"): {"200", "401", "403"},
+            ("get", "/readyz"): {"200", "503"}}
+    for (method, path), codes in want.items():
+        op = doc["paths"][path][method]
+        assert set(op["responses"]) == codes, (method, path, sorted(op["responses"]))
+        if "401" in codes:
+            assert "WWW-Authenticate" in op["responses"]["401"]["headers"] and op["security"] == [{"HTTPBearer": []}]
+    schemas = doc["components"]["schemas"]
+    assert schemas["RankRequest"]["properties"]["candidates"]["maxItems"] == 50  # the module server's limits
+    assert schemas["FeedbackRequest"]["properties"]["events"]["maxItems"] == 1000
+    fusion = schemas["RankRequest"]["properties"]["fusion"]
+    assert "x-mtrank-runtime-check" in fusion  # expressions allowed on this server: not a closed set
+    assert schemas["FeedbackEvent"]["properties"]["labels"]["propertyNames"] == {"maxLength": 128, "minLength": 1}
+    for name in ("top_k", "return_task_scores", "raw_scores"):
+        assert name in schemas["RankRequest"]["properties"]
 
 
 def test_not_ready_until_a_bundle_appears(tmp_path: Path, make_bundle, start_server) -> None:

@@ -113,7 +113,7 @@ def test_default_weights() -> None:
 def test_fast_fnv_matches_the_core_hash() -> None:
     from mtrank.encoding import fnv1a64
 
-    keys = ["", "a", "mtrank:user-42", "ünïcödé ☃", "x" * 300] + [f"s:{i}" for i in range(200)]
+    keys = ["", "a", "mtrank:user-42", "ünïcödé ☃", "x" * 300, "lone \ud800 surrogate"] + [f"s:{i}" for i in range(200)]
     assert [F.fnv1a64_one(k) for k in keys] == [int(h) for h in fnv1a64(np.asarray(keys))]
 
 

@@ -159,7 +159,62 @@ def test_concurrent_threads_count_each_label_once(make_store: Any) -> None:
     assert sum(r.joined for r in out) == 10 and sum(len(r.labels) for r in out) == 20
 
 
+def test_request_id_is_single_use(make_store: Any) -> None:
+    """Was: a second put under the same request id replaced the first answer."""
+    store, _ = make_store()
+    raw, cal = scores(3)
+    assert store.put("r1", "v1", "a", ["i0", "i1", "i2"], TASKS, raw, cal) == "kept"
+    raw2, cal2 = scores(2, seed=5)
+    assert store.put("r1", "v2", "b", ["j0", "j1"], TASKS, raw2, cal2) == "reused"  # nothing written
+    res = store.ingest([("r1", "i1", {"ctr": 1.0}), ("r1", "j0", {"ctr": 1.0})])
+    assert counts(res) == (2, 0, 1)
+    assert res.labels == [JoinedLabel("ctr", 1.0, float(raw["ctr"][1]), float(cal["ctr"][1]), "v1", "a")]
+
+
+def test_request_id_is_free_again_once_its_prediction_expired(make_store: Any) -> None:
+    store, _ = make_store(prediction_ttl_s=0.2)
+    raw, cal = scores(2)
+    assert store.put("r1", "v1", None, ["i0", "i1"], TASKS, raw, cal) == "kept"
+    time.sleep(0.3)
+    assert store.put("r1", "v1", None, ["i0", "i1"], TASKS, raw, cal) == "kept"
+
+
+def test_orphan_labels_have_a_bound_of_their_own(make_store: Any) -> None:
+    """Was: feedback for unknown request ids took the space of the labels that join."""
+    store, metrics = make_store(max_events=100, orphan_max_events=5, orphan_ttl_s=30)
+    put(store, "r1", 3)
+    res = store.ingest([(f"u{k}", "x", {"ctr": 1.0}) for k in range(50)] + [("r1", "i0", {"ctr": 1.0})])
+    assert counts(res) == (51, 0, 1) and res.orphans == 50
+    assert metrics.registry.get_sample_value("mtrank_feedback_events_total", {"result": "orphan"}) == 50
+    assert counts(store.ingest([("r1", "i0", {"ctr": 0.0})])) == (0, 1, 0)  # the joinable label is kept
+    if store.backend == "redis":  # bounded by a shorter TTL
+        assert 0 < store.client.pttl(b"mtrank:fb:u0") <= 30_000 < store.client.pttl(b"mtrank:fb:r1")
+    else:  # bounded by count: the oldest orphans are evicted
+        assert store.orphan_keys() == 5 and len(store) == 6
+        assert counts(store.ingest([("u49", "x", {"ctr": 1.0}), ("u0", "x", {"ctr": 1.0})])) == (1, 1, 0)
+
+
+def test_orphan_labels_expire_sooner(make_store: Any) -> None:
+    store, _ = make_store(orphan_ttl_s=0.3)
+    put(store, "r1", 2)
+    store.ingest([("u", "x", {"ctr": 1.0}), ("r1", "i0", {"ctr": 1.0})])
+    time.sleep(0.45)
+    assert counts(store.ingest([("u", "x", {"ctr": 1.0})])) == (1, 0, 0)  # the orphan expired: new again
+    assert counts(store.ingest([("r1", "i0", {"ctr": 1.0})])) == (0, 1, 0)  # the joined label did not
+
+
 # ------------------------------------------------------------------------------------------------ bounds
+
+
+def test_sqlite_file_of_an_older_schema_is_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE labels (request_id BLOB, item_id BLOB, at REAL, labels TEXT, "
+                       "PRIMARY KEY (request_id, item_id)); PRAGMA user_version = 1;")
+    conn.close()
+    store = SqliteJoinStore(path, Metrics(), ttl_s=60, max_requests=10, max_items=100, max_events=10)
+    assert put(store, "r1", 2) and counts(store.ingest([("r1", "i0", {"ctr": 1.0})])) == (1, 0, 1)
+    store.close()
 
 
 def test_sqlite_bounds_hold_at_every_commit(tmp_path: Path) -> None:

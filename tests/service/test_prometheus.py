@@ -22,7 +22,7 @@ import pytest
 
 from service.stack import Stack, StackConfig
 from tests.promql import alert_lhs, alert_rules, dashboard_exprs
-from tests.service.conftest import clone_bundle, rank_body, require_binary
+from tests.service.conftest import clone_bundle, rank_body, require_binary, wait_until
 from tests.service.test_api import metric
 
 
@@ -68,9 +68,10 @@ def test_dashboard_and_alert_queries_return_series_from_a_real_prometheus(tmp_pa
                 assert c.post("/feedback", json={"events": ev}).json()["joined"] == len(ev)
                 events += len(ev)
         with httpx.Client(base_url=url, timeout=10) as c:
-            doc = c.get("/routing").json()
+            # the window covers both workers (each flushes its statistics within monitoring.flush_interval_s)
+            wait_until(lambda: max(g["candidates"] for g in c.get("/routing").json()["gates"]) == candidates, 10,
+                       interval=0.2, what=f"{candidates} candidates in the window")
             text = c.get("/metrics").text
-        assert max(g["candidates"] for g in doc["gates"]) == candidates  # the window covers both workers
         assert metric(text, "mtrank_feedback_events_total", result="joined") == events
         assert metric(text, "mtrank_rank_candidates_count") == sent
         assert metric(text, "mtrank_feature_store_hits_total", side="item") > 0  # the snapshot's rows, from Redis

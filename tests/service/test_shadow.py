@@ -42,7 +42,7 @@ def test_shadow_of_the_same_model_agrees_and_never_changes_the_response(tmp_path
         text = c.get("/metrics").text
         assert c.delete("/admin/shadow", headers=ADMIN).json() == {"shadow": None, "previous_shadow": "shad"}
         assert c.get("/models").json()["shadow"] is None
-        without = [_items(c.post("/rank", json=b)) for b in bodies]
+        without = [_items(c.post("/rank", json={**b, "request_id": f"{b['request_id']}-again"})) for b in bodies]
     assert with_shadow == without
     assert metric(text, "mtrank_shadow_rank_correlation_count") == 10
     assert metric(text, "mtrank_shadow_rank_correlation_bucket", le="0.99") == 0  # identical model: rho = 1
@@ -77,7 +77,8 @@ def test_a_failing_shadow_is_counted_never_an_error(tmp_path: Path, base_bundle:
 def test_shadow_needs_the_admin_token(tmp_path: Path, base_bundle: Path, start_server: Any) -> None:
     srv = _served(tmp_path, base_bundle, start_server)
     with srv.client() as c:
-        assert c.put("/admin/shadow", json={"version": "shad"}).status_code == 403
+        assert c.put("/admin/shadow", json={"version": "shad"}).status_code == 401  # no credentials (RFC 6750)
+        assert c.put("/admin/shadow", json={"version": "shad"}, headers={"Authorization": "Bearer bad"}).status_code == 403
         assert c.get("/models").json()["shadow"] is None
 
 
