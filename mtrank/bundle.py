@@ -65,7 +65,8 @@ _VERSION_RE = re.compile(VERSION_PATTERN)
 RANGE_MARGIN = 1.0
 RANGE_SLACK = 1e-3
 SWEEP_MAX_ROWS = 1 << 15  # reference sweep rows recorded at export (docs/bundle.md, "Output sanity")
-SWEEP_BATCH = 8192  # the sweep runs in batches of this many rows (export and load alike: int8 scales per batch)
+SWEEP_BATCH = 1024  # the sweep runs in batches of this many rows (export and load alike: int8 scales per batch); a
+# serving-sized batch, so the sweep does not grow the serving session's memory arena beyond what /rank needs
 
 
 class BundleError(Exception):

@@ -23,6 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.background import BackgroundTask
 
 from service import fusion as fusion_mod
+from service.errors import error_body
 from service.feature_store import FeatureStore, StoreResult
 from service.feedback import JoinStore, JoinStoreUnavailable, PutResult
 from service.metrics import Metrics
@@ -220,8 +221,7 @@ def _request_id_reused(request_id: str) -> Response:
     """409 for a request id the prediction log already holds (ids are single-use: docs/service.md, "/feedback")."""
     msg = (f"request_id {request_id!r} was already used by a ranked request; request ids are single-use "
            "(send a new one, or none to have one generated)")
-    body = {"detail": [{"loc": ["body", "request_id"], "msg": msg, "type": "request_id_reused"}],
-            "message": f"body.request_id: {msg}"}
+    body = error_body([{"loc": ("body", "request_id"), "msg": msg, "type": "request_id_reused"}])
     return Response(pydantic_core.to_json(body), status_code=409, media_type="application/json")
 
 

@@ -20,7 +20,6 @@ import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -33,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mtrank.config import ConfigError
 from service.api import Services, router
+from service.errors import error_body
 from service.feature_store import build_feature_store
 from service.feedback import build_join_store
 from service.metrics import Metrics, MetricsMiddleware, multiprocess_dir
@@ -82,21 +82,6 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-def _text(v: Any) -> Any:
-    """A string safe to encode as UTF-8: lone surrogates (from a ``\\ud800`` JSON escape, e.g. in a rejected
-    key that an error's loc names) become their escape text ``\\ud800``; anything else is returned as is."""
-    if type(v) is str and not v.isascii():
-        return v.encode("utf-8", "backslashreplace").decode("utf-8")
-    return v
-
-
-def _error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    detail = [{"loc": [_text(p) for p in e.get("loc", ())], "msg": _text(e.get("msg", "")),
-               "type": e.get("type", "value_error")} for e in errors]
-    message = "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in detail)
-    return {"detail": detail, "message": message}
-
-
 _SURROGATE_MSG = "lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape): not Unicode text"
 
 
@@ -124,7 +109,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     body = getattr(exc, "body", None)
     if isinstance(body, bytes | bytearray) and not _is_json(request.headers.get("content-type")):
         got = request.headers.get("content-type")
-        return JSONResponse(_error_body([{
+        return JSONResponse(error_body([{
             "loc": ("body",), "type": "content_type",
             "msg": f"the body must be JSON sent with Content-Type: application/json (got {'no Content-Type' if got is None else repr(got)})"}]),
             status_code=422)
@@ -136,7 +121,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
             e.update(loc=("body",), msg=f"invalid JSON at line {line}, column {col}: {reason}")
         elif kind == "string_unicode":
             e["msg"] = _SURROGATE_MSG
-    return JSONResponse(_error_body(errors), status_code=422)
+    return JSONResponse(error_body(errors), status_code=422)
 
 
 def _parse_failure(cause: BaseException | None) -> str:
@@ -168,7 +153,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 
 
 async def _input_error(request: Request, exc: InputError) -> JSONResponse:
-    return JSONResponse(_error_body([{"loc": exc.loc, "msg": exc.msg, "type": exc.kind}]), status_code=422)
+    return JSONResponse(error_body([{"loc": exc.loc, "msg": exc.msg, "type": exc.kind}]), status_code=422)
 
 
 def tune_gc(s: GCSettings) -> None:
