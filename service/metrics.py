@@ -192,7 +192,7 @@ def observe_many(child: Any, values: np.ndarray) -> None:
     """``child.observe(v)`` for every finite v of ``values`` [n], as one bucket count per bucket."""
     v = values[np.isfinite(values)]
     if v.size:
-        add_to_histogram(child, bucket_counts(child._upper_bounds, v), float(v.sum()))
+        add_to_histogram(child, bucket_counts(child._upper_bounds, v), float(v.sum(dtype=np.float64)))
 
 
 class MetricsMiddleware:

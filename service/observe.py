@@ -7,7 +7,7 @@ requests since the last flush (one [N, m] array per gate, one [T, N] array per g
 
 * per gate ``[n, m]`` (rows renormalised in float64, so one gate's weights add up to exactly n):
   summed weight per expert, top-1 counts per expert, candidates, and every candidate's normalised
-  entropy as one count per histogram bucket (:func:`service.metrics.add_to_histogram`);
+  entropy as one count per histogram bucket (:func:`service.metrics.observe_many`);
 * per binary task: served (calibrated) scores per calibration bucket, count and summed probability;
 * per task with a reference histogram in the manifest: served scores per reference bin (the live
   side of the PSI; calibrated scores against ``calibrated_score_hist``, else raw against ``score_hist``);
@@ -36,7 +36,7 @@ import numpy as np
 from mtrank.bundle import GateInfo, Histogram
 from mtrank.metrics import bin_index, normalised_entropy
 from service.feedback import JoinedLabel
-from service.metrics import Metrics, add_to_histogram, bucket_counts
+from service.metrics import Metrics, observe_many
 from service.registry import PRIMARY, SHADOW
 from service.scorer import Model, Scored
 from service.settings import MonitoringSettings, Settings
@@ -105,8 +105,7 @@ class _Gate:
             self.weight[j].inc(s_)
             if c:
                 self.top1[j].inc(c)
-        add_to_histogram(self.entropy, bucket_counts(self.entropy._upper_bounds, ent).tolist(),
-                         float(ent.sum(dtype=np.float64)))
+        observe_many(self.entropy, ent)
 
 
 class _Binned:
