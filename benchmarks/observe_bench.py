@@ -73,6 +73,7 @@ from serve_bench import (
     SEED,
     Server,
     ServerConfig,
+    benchmark_parser,
     ensure_bundle,
     log,
     machine_note,
@@ -620,22 +621,7 @@ def render(meta: dict[str, Any], inproc: dict[str, Any] | None, http: dict[str, 
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run (< 1 min): few repetitions, one short HTTP round")
-    ap.add_argument("--workdir", help="where data, runs, bundles, logs go (default: a temporary directory, removed)")
-    ap.add_argument("--duration", type=float, help="measured seconds per HTTP run (default 20; --quick 2)")
-    ap.add_argument("--warmup", type=float, help="HTTP warm-up seconds before measuring (default 3; --quick 1)")
-    ap.add_argument("--concurrency", type=int, default=8, help="closed-loop connections of the load generator")
-    ap.add_argument("--max-requests", type=int, default=200_000, help="cap on measured requests per HTTP run")
-    ap.add_argument("--rounds", type=int, help="HTTP rounds, on and off alternating (default 6; --quick 1)")
-    ap.add_argument("--epochs", type=int, help="training epochs for the bundles (default 2; --quick 1)")
-    ap.add_argument("--skip-inprocess", action="store_true")
-    ap.add_argument("--skip-http", action="store_true")
-    ap.add_argument("--out-json", default="/tmp/observe_bench.json")
-    ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file to update")
-    ap.add_argument("--no-docs", action="store_true", help="do not touch the docs file")
-    ap.add_argument("--write-docs", action="store_true", help="update the docs even with --quick")
+    ap = benchmark_parser(__doc__, "/tmp/observe_bench.json", "HTTP rounds, on and off alternating (default 6; --quick 1)")
     args = ap.parse_args(argv)
     q = args.quick
     args.duration = args.duration if args.duration is not None else (2.0 if q else 20.0)

@@ -798,23 +798,28 @@ def write_docs(path: Path, section: str, start: str = START, end: str = END) -> 
 # --------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def benchmark_parser(doc: str, out_json: str, rounds_help: str) -> argparse.ArgumentParser:
+    """The options serve_bench and observe_bench share (bundle, HTTP runs, outputs)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run (< 1 min): few repetitions, short HTTP runs")
-    ap.add_argument("--workdir", help="where data, run, bundle, logs go (default: a temporary directory, removed)")
+    ap.add_argument("--workdir", help="where data, runs, bundles, logs go (default: a temporary directory, removed)")
     ap.add_argument("--duration", type=float, help="measured seconds per HTTP run (default 20; --quick 2)")
     ap.add_argument("--warmup", type=float, help="HTTP warm-up seconds before measuring (default 3; --quick 1)")
     ap.add_argument("--concurrency", type=int, default=8, help="closed-loop connections of the load generator")
     ap.add_argument("--max-requests", type=int, default=200_000, help="cap on measured requests per HTTP run")
-    ap.add_argument("--rounds", type=int, help="HTTP rounds, configurations alternating (default 2; --quick 1)")
-    ap.add_argument("--epochs", type=int, help="training epochs for the bundle (default 2; --quick 1)")
+    ap.add_argument("--rounds", type=int, help=rounds_help)
+    ap.add_argument("--epochs", type=int, help="training epochs for the bundle(s) (default 2; --quick 1)")
     ap.add_argument("--skip-inprocess", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
-    ap.add_argument("--out-json", default="/tmp/serve_bench.json")
+    ap.add_argument("--out-json", default=out_json)
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file to update")
     ap.add_argument("--no-docs", action="store_true", help="do not touch the docs file")
     ap.add_argument("--write-docs", action="store_true", help="update the docs even with --quick")
+    return ap
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = benchmark_parser(__doc__, "/tmp/serve_bench.json", "HTTP rounds, configurations alternating (default 2; --quick 1)")
     ap.add_argument("--ab", metavar="BASE_REV", help="A/B instead: /rank served by BASE_REV vs --ab-new, alternating "
                     "(1 worker, 1 intra-op thread; prints, docs untouched; --rounds default 7)")
     ap.add_argument("--ab-new", metavar="REV", help="the other side of --ab (default: this working tree)")
