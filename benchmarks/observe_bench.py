@@ -79,12 +79,12 @@ from serve_bench import (
     machine_note,
     median,
     ms,
+    publish,
     quantile,
     request_bodies,
     run_http_config,
     service_gc,
     summarise_http,
-    write_docs,
 )
 
 START, END = "<!-- observe-bench:start -->", "<!-- observe-bench:end -->"
@@ -678,14 +678,7 @@ def main(argv: list[str]) -> int:
                 f"{HEADLINE} candidates")
             http = run_http(bundles["mmoe"].parent, bodies[HEADLINE], args, workdir)
         meta["runtime_s"] = time.perf_counter() - t_start
-        section = render(meta, inproc, http)
-        Path(args.out_json).write_text(json.dumps({"meta": meta, "inprocess": inproc, "http": http}, indent=1))
-        print(section)
-        if not args.no_docs and (not args.quick or args.write_docs):
-            write_docs(Path(args.docs), section, START, END)
-            log(f"updated {args.docs}")
-        elif args.quick:
-            log("--quick: docs not updated (add --write-docs to force)")
+        publish(args, render(meta, inproc, http), {"meta": meta, "inprocess": inproc, "http": http}, START, END)
     finally:
         if tmp is not None:
             tmp.cleanup()

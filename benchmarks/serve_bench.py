@@ -798,6 +798,18 @@ def write_docs(path: Path, section: str, start: str = START, end: str = END) -> 
 # --------------------------------------------------------------------------------------------- main
 
 
+def publish(args: argparse.Namespace, section: str, raw: dict[str, Any], start: str = START, end: str = END) -> None:
+    """Raw results to ``--out-json``, the markdown section to stdout and (full runs, or ``--write-docs``) to
+    ``--docs`` between the markers."""
+    Path(args.out_json).write_text(json.dumps(raw, indent=1, default=str))
+    print(section)
+    if not args.no_docs and (not args.quick or args.write_docs):
+        write_docs(Path(args.docs), section, start, end)
+        log(f"updated {args.docs}")
+    elif args.quick:
+        log("--quick: docs not updated (add --write-docs to force)")
+
+
 def benchmark_parser(doc: str, out_json: str, rounds_help: str) -> argparse.ArgumentParser:
     """The options serve_bench and observe_bench share (bundle, HTTP runs, outputs)."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -886,14 +898,7 @@ def main(argv: list[str]) -> int:
             log(f"HTTP: {len(CONFIGS)} configurations x {args.rounds} round(s), {args.warmup:g} s + {args.duration:g} s each")
             http = run_http(bundle_dir.parent, bodies[HTTP_CANDIDATES], args, workdir)
         meta["runtime_s"] = time.perf_counter() - t_start
-        section = render(meta, inproc, http)
-        Path(args.out_json).write_text(json.dumps({"meta": meta, "inprocess": inproc, "http": http}, indent=1))
-        print(section)
-        if not args.no_docs and (not args.quick or args.write_docs):
-            write_docs(Path(args.docs), section)
-            log(f"updated {args.docs}")
-        elif args.quick:
-            log("--quick: docs not updated (add --write-docs to force)")
+        publish(args, render(meta, inproc, http), {"meta": meta, "inprocess": inproc, "http": http})
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serve_bench import machine_note, quantile, write_docs  # noqa: E402
+from benchmarks.serve_bench import machine_note, publish, quantile  # noqa: E402
 from mtrank.bundle import MANIFEST, read_current, write_current  # noqa: E402
 from service.stack import Stack, StackConfig  # noqa: E402
 
@@ -495,6 +495,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out-json", default="/tmp/loadtest.json")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--write-docs", action="store_true", help="update the docs even with --quick")
     args = ap.parse_args(argv)
     q = args.quick
     args.variants = (args.variants or ("embedded" if q else "embedded,redis")).split(",")
@@ -522,11 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{variant}: {json.dumps(results[-1]['checks'])}")
         meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_min": (time.time() - started) / 60,
                 "machine": machine_note(), "args": {k: v for k, v in vars(args).items() if k != "docs"}}
-        Path(args.out_json).write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
-        section = render(meta, results, args)
-        print(section)
-        if not args.quick and not args.no_docs:
-            write_docs(Path(args.docs), section, START, END)
+        publish(args, render(meta, results, args), {"meta": meta, "results": results}, START, END)
         # a smoke run is too short for the latency and memory bounds: it fails on correctness alone
         gate = ("zero_errors", "versions_active") if args.quick else tuple(results[0]["checks"])
         ok = all(r["checks"][c] for r in results for c in gate)
@@ -546,11 +543,8 @@ def faults_main(bundles: Path, data: Path, args: argparse.Namespace, workdir: Pa
     soak = run_soak(bundles, data, args, workdir) if args.soak else None
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_min": (time.time() - started) / 60,
             "machine": machine_note()}
-    Path(args.out_json).write_text(json.dumps({"meta": meta, "faults": faults, "soak": soak}, indent=1, default=str))
-    section = render_faults(meta, faults, soak)
-    print(section)
-    if not args.quick and not args.no_docs:
-        write_docs(Path(args.docs), section, FAULT_START, FAULT_END)
+    publish(args, render_faults(meta, faults, soak), {"meta": meta, "faults": faults, "soak": soak}, FAULT_START,
+            FAULT_END)
     ok = (faults is None or faults["checks"]["zero_rank_errors"]) and (
         soak is None or (not soak["failures"] and not soak["bad_versions"] and not soak["publisher_errors"]))
     return 0 if ok else 1

@@ -265,6 +265,17 @@ def ece(y: ArrayLike, p: ArrayLike, n_bins: int = 10) -> float:
 # ----------------------------------------------------------------------- monitoring (drift)
 
 
+def _proportions(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """Two count (or weight) vectors of the same bins, each normalised to sum 1; None when either sums to <= 0."""
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"the two distributions differ in bins: {a.size} != {b.size}")
+    if a.sum() <= 0 or b.sum() <= 0:
+        return None
+    return a / a.sum(), b / b.sum()
+
+
 def psi(expected: ArrayLike, actual: ArrayLike, eps: float = 1e-4) -> float:
     """Population stability index of bin counts ``actual`` against ``expected`` (same bins).
 
@@ -272,26 +283,19 @@ def psi(expected: ArrayLike, actual: ArrayLike, eps: float = 1e-4) -> float:
     each proportion floored at ``eps`` so an empty bin costs a large but finite amount. ``nan`` when
     either side has no counts. Rule of thumb: < 0.1 stable, 0.1-0.2 moderate, > 0.2 shifted.
     """
-    e = np.asarray(expected, dtype=np.float64)
-    a = np.asarray(actual, dtype=np.float64)
-    if e.shape != a.shape:
-        raise ValueError(f"expected and actual differ in bins: {e.size} != {a.size}")
-    if e.sum() <= 0 or a.sum() <= 0:
+    both = _proportions(expected, actual)
+    if both is None:
         return NAN
-    pe = np.maximum(e / e.sum(), eps)
-    pa = np.maximum(a / a.sum(), eps)
+    pe, pa = (np.maximum(x, eps) for x in both)
     return float(np.sum((pa - pe) * np.log(pa / pe)))
 
 
 def js_divergence(p: ArrayLike, q: ArrayLike) -> float:
     """Jensen-Shannon divergence in bits (0 = equal, 1 = disjoint) of two distributions (normalised here)."""
-    pa = np.asarray(p, dtype=np.float64)
-    qa = np.asarray(q, dtype=np.float64)
-    if pa.shape != qa.shape:
-        raise ValueError(f"distributions differ in length: {pa.size} != {qa.size}")
-    if pa.sum() <= 0 or qa.sum() <= 0:
+    both = _proportions(p, q)
+    if both is None:
         return NAN
-    pa, qa = pa / pa.sum(), qa / qa.sum()
+    pa, qa = both
     m = 0.5 * (pa + qa)
 
     def kl(x: np.ndarray) -> float:

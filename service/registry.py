@@ -48,11 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtrank.bundle import BundleError, check_version_name, list_versions, read_current, verify_bundle
+from mtrank.bundle import BundleError, check_version_name, list_versions, read_current
 from service.fusion import ExpressionError
 from service.logs import RateLimitedLogger
 from service.metrics import Metrics
-from service.scorer import Model, make_session
+from service.scorer import Model
 from service.settings import Settings
 
 if TYPE_CHECKING:  # mtrank.signing (cryptography) is imported when keys are configured
@@ -188,15 +188,11 @@ class Registry:
 
     # ----------------------------------------------------------------------------- loading
     def _load_dir(self, bundle_dir: Path) -> Model:
-        """``Model.load`` with the signature policy: ``verify_bundle`` (with ``self.trust``) on the serving
-        session, the model built on it, warmed up."""
-        onnx = self.settings.onnx
-        manifest, session = verify_bundle(bundle_dir, lambda path: make_session(path, onnx), trust=self.trust)
-        if manifest.model_version != bundle_dir.name:
-            raise BundleError(f"{bundle_dir / 'manifest.json'}: model_version {manifest.model_version!r} differs "
+        """``Model.load`` with the signature policy (``self.trust``); the manifest must name the directory."""
+        model = Model.load(bundle_dir, self.settings.onnx, self.settings.fusion, trust=self.trust)
+        if model.version != bundle_dir.name:
+            raise BundleError(f"{bundle_dir / 'manifest.json'}: model_version {model.version!r} differs "
                               "from the directory name")
-        model = Model(bundle_dir, manifest, onnx, self.settings.fusion, session=session)
-        model.warmup()
         return model
 
     def public(self, msg: str) -> str:

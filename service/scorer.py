@@ -32,6 +32,7 @@ import numpy as np
 
 from mtrank.bundle import BundleManifest, Calibration, verify_bundle
 from mtrank.encoding import FeatureEncoder, FittedFeature, numeric_value
+from mtrank.signing import Trust
 from service import fusion as fusion_mod
 from service.feature_store import EMPTY, Row, StoreResult
 from service.settings import DEFAULT_PROFILE, FusionSettings, OnnxSettings
@@ -139,9 +140,10 @@ class Model:
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, bundle_dir: Path, onnx: OnnxSettings, fusion: FusionSettings) -> Model:
-        """Verify the bundle with the serving session itself (checksums, I/O, golden outputs), build, warm up."""
-        manifest, session = verify_bundle(bundle_dir, lambda path: make_session(path, onnx))
+    def load(cls, bundle_dir: Path, onnx: OnnxSettings, fusion: FusionSettings, trust: Trust | None = None) -> Model:
+        """Verify the bundle with the serving session itself (signature with ``trust``, checksums, I/O, golden
+        outputs, output sanity), build, warm up."""
+        manifest, session = verify_bundle(bundle_dir, lambda path: make_session(path, onnx), trust=trust)
         model = cls(bundle_dir, manifest, onnx, fusion, session=session)
         model.warmup()
         return model
