@@ -59,7 +59,8 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from model.data import encode_split, fit_schema, load_frames  # noqa: E402
-from model.train import load_run, predict, train  # noqa: E402
+from model.evaluate import predict  # noqa: E402
+from model.train import load_run, train  # noqa: E402
 from mtrank.config import Config, load_config  # noqa: E402
 
 EXAMPLES = ROOT / "examples" / "census-income"

@@ -24,8 +24,9 @@ import torch
 
 from model.calibrate import fit_calibration
 from model.data import Split
+from model.evaluate import gate_stats, predict, to_tensors
 from model.nets import ExportWrapper, MultiTaskRanker
-from model.train import gate_stats, load_run, predict, to_tensors
+from model.train import load_run
 from mtrank.bundle import (
     GOLDEN,
     MODEL,

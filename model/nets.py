@@ -39,22 +39,28 @@ class GateSpec:
 class ExtractionLevel(nn.Module):
     """One CGC level. Input: x [B, I] (first level) or per-task inputs [T + 1, B, I] (last = shared).
 
-    Output: per-task outputs [T + 1, B, H] (the shared slot is filled when the level has a shared gate)
-    and the gate weights {gate name: [B, m]}.
+    Output: per-task outputs [T + 1, B, H] (the shared slot is filled when the level has a shared gate),
+    the gate weights {gate name: [B, m]} and the shared experts' outputs [n_shared, B, H] (or None).
+
+    Task experts and shared experts are two batched MLPs, not one packed tensor, so that the
+    parameters every task's loss reaches stay separable from those only one task's loss reaches
+    (``MultiTaskRanker.parameter_groups``). Expert order in the gates: task experts, then shared.
     """
 
     def __init__(self, level: int, tasks: list[str], n_task: int, n_shared: int, in_dim: int, cfg: ModelConfig,
                  shared_gate: bool, shared_only_names: bool = False):
         super().__init__()
         self.level, self.tasks, self.T = level, tasks, len(tasks)
+        self.n_task, self.n_shared = n_task, n_shared
         n_total = self.T * n_task + n_shared
-        self.experts = BatchedMLP(n_total, in_dim, cfg.expert_hidden, cfg.dropout, batch_norm=cfg.batch_norm)
-        self.out_dim = self.experts.out_dim
+        mlp = dict(in_dim=in_dim, hidden=cfg.expert_hidden, dropout=cfg.dropout, batch_norm=cfg.batch_norm)
+        self.task_experts = BatchedMLP(self.T * n_task, **mlp) if n_task else None
+        self.shared_experts = BatchedMLP(n_shared, **mlp) if n_shared else None
+        self.out_dim = cfg.expert_hidden[-1]
         shared_names = [f"expert{i}" if shared_only_names else f"shared{i}" for i in range(n_shared)]
         self.expert_names = [f"{t}{i}" for t in tasks for i in range(n_task)] + shared_names
-        # Which stacked input each expert reads: task k's experts read slot k, shared experts slot T.
-        self.register_buffer("expert_input", torch.tensor([k for k in range(self.T) for _ in range(n_task)]
-                                                          + [self.T] * n_shared), persistent=False)
+        # Which per-task input slot each task expert reads at levels after the first: task k's experts read slot k.
+        self.register_buffer("task_input", torch.arange(self.T).repeat_interleave(n_task), persistent=False)
         shared_idx = list(range(self.T * n_task, n_total))
         self.selections = [list(range(k * n_task, (k + 1) * n_task)) + shared_idx for k in range(self.T)]
         self.full_selection = [sel == list(range(n_total)) for sel in self.selections]
@@ -67,13 +73,16 @@ class ExtractionLevel(nn.Module):
         if shared_gate:
             self.gate_specs.append(GateSpec(f"gate_l{level}_shared", level, "shared", tuple(self.expert_names)))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if x.dim() == 2:  # first level: every expert and gate reads x [B, I]
-            experts = self.experts(x)  # [n, B, H]
-            gate_in = [x] * (self.T + 1)
-        else:  # x [T + 1, B, I]
-            experts = self.experts(x.index_select(0, self.expert_input))  # [n, B, I] -> [n, B, H]
-            gate_in = list(x.unbind(0))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        first = x.dim() == 2  # first level: every expert and gate reads x [B, I]; later levels x [T + 1, B, I]
+        parts = []
+        if self.task_experts is not None:
+            parts.append(self.task_experts(x if first else x.index_select(0, self.task_input)))  # [T * n_task, B, H]
+        shared = self.shared_experts(x if first else x[self.T]) if self.shared_experts is not None else None
+        if shared is not None:
+            parts.append(shared)  # [n_shared, B, H]
+        experts = torch.cat(parts) if len(parts) > 1 else parts[0]  # [n, B, H]
+        gate_in = [x] * (self.T + 1) if first else list(x.unbind(0))
         gates: dict[str, torch.Tensor] = {}
         outs = []
         for k, gate in enumerate(self.gates):
@@ -87,7 +96,22 @@ class ExtractionLevel(nn.Module):
             outs.append(mix(w, experts))
         else:
             outs.append(torch.zeros_like(outs[0]))
-        return torch.stack(outs), gates  # [T + 1, B, H]
+        return torch.stack(outs), gates, shared  # [T + 1, B, H]
+
+
+@dataclass(frozen=True)
+class ParameterGroups:
+    """The model's parameters split by which task losses reach them.
+
+    ``shared``: reached by every task's loss (embedding, shared bottom and experts, the gates and task
+    experts of PLE levels that feed a shared gate). ``task_specific``: each element reached by one task's
+    loss only (towers, last-level task experts and gates); a tensor may pack several tasks' members, but
+    never one element of two tasks. ``layer``: the last shared layer feeding the towers (GradNorm's W).
+    """
+
+    shared: list[nn.Parameter]
+    task_specific: list[nn.Parameter]
+    layer: nn.Parameter
 
 
 class MultiTaskRanker(nn.Module):
@@ -96,7 +120,11 @@ class MultiTaskRanker(nn.Module):
     ``forward(inputs)`` takes ``{"request_ids": [Br, Sr], "request_dense": [Br, Dr], "item_ids": [B, Si],
     "item_dense": [B, Di]}`` (present groups only; Br is 1 or B) and returns a dict with
     ``scores`` {task or chain head: [B]} (probabilities, or values for regression), ``logits``
-    {unchained binary task: [B]} and ``gates`` {gate name: [B, m]}.
+    {unchained binary task: [B]}, ``gates`` {gate name: [B, m]} and ``representation``, the shared
+    representation the task-specific part reads (MGDA's upper bound differentiates through it): the
+    bottom's output [1, B, H] (shared_bottom), the last level's shared experts [n, B, H] (mmoe, cgc,
+    ple), else the input x [B, I]. Where gates or task experts also read the level's input, their
+    paths bypass it, so the bound is the approximation Sener & Koltun describe, not an identity.
     """
 
     def __init__(self, schema: FittedSchema, tasks: list[TaskConfig], cfg: ModelConfig):
@@ -164,14 +192,16 @@ class MultiTaskRanker(nn.Module):
         x = self.features(inputs)  # [B, I]
         gates: dict[str, torch.Tensor] = {}
         T = len(self.task_names)
+        shared: torch.Tensor | None = x
         if self.cfg.arch == "single":
             reps = self.body(x)  # [T, B, H]
         elif self.cfg.arch == "shared_bottom":
-            reps = self.body(x).expand(T, -1, -1)  # [1, B, H] -> [T, B, H]
+            shared = self.body(x)  # [1, B, H]
+            reps = shared.expand(T, -1, -1)  # [T, B, H]
         else:
             h = x
             for lvl in self.levels:
-                h, g = lvl(h)  # [T + 1, B, H]
+                h, g, shared = lvl(h)  # [T + 1, B, H], {gate: [B, m]}, [n_shared, B, H] or None
                 gates.update(g)
             reps = h[:T]  # [T, B, H]
         out = self.towers(reps).squeeze(-1)  # [T, B, 1] -> [T, B]
@@ -188,7 +218,32 @@ class MultiTaskRanker(nn.Module):
                 head = torch.sigmoid(out[k])  # p(head | parent), e.g. pCVR
                 scores[t.chain.head] = head
                 scores[t.name] = scores[t.chain.parent] * head  # pCTCVR = pCTR * pCVR
-        return {"scores": scores, "logits": logits, "gates": gates}
+        representation = shared if shared is not None else x
+        return {"scores": scores, "logits": logits, "gates": gates, "representation": representation}
+
+    def parameter_groups(self) -> ParameterGroups:
+        """Shared vs task-specific parameters (see ``ParameterGroups``), from the architecture."""
+        shared: list[nn.Parameter] = list(self.embedding.parameters())
+        task: list[nn.Parameter] = list(self.towers.parameters())
+        layer = self.embedding.table.weight
+        if self.body is not None:
+            (task if self.cfg.arch == "single" else shared).extend(self.body.parameters())
+            if self.cfg.arch == "shared_bottom":
+                layer = self.body.weights[-1]
+        L = len(self.levels)
+        for lvl in self.levels:
+            l = lvl.level  # noqa: E741
+            if lvl.shared_experts is not None:
+                shared.extend(lvl.shared_experts.parameters())
+                if l == L - 1:
+                    layer = lvl.shared_experts.weights[-1]
+            if lvl.shared_gate is not None:
+                shared.extend(lvl.shared_gate.parameters())
+            if lvl.task_experts is not None:  # below the last level they feed the shared gate
+                (shared if l < L - 1 else task).extend(lvl.task_experts.parameters())
+            # a task gate feeds its task's experts and gate one level up: shared if those feed a shared gate
+            (shared if l < L - 2 else task).extend(lvl.gates.parameters())
+        return ParameterGroups(shared=shared, task_specific=task, layer=layer)
 
 
 class ExportWrapper(nn.Module):

@@ -1,7 +1,8 @@
-"""Training loop, evaluation and the run directory.
+"""Training: a ``Trainer`` with one clear ``step``, early stopping, and a rank-aware run directory.
 
-``train(cfg, out_dir)`` reads and encodes the data, trains with early stopping on a validation
-metric, keeps the best checkpoint and writes the run directory::
+``train(cfg, out_dir)`` reads and encodes the data, places model and data on the configured device,
+trains with early stopping on a validation metric, keeps the best checkpoint and writes the run
+directory (only the main process writes; see ``Placement``)::
 
     RUN_DIR/config.yaml    the validated config (overrides applied)
     RUN_DIR/schema.json    the fitted feature schema
@@ -18,8 +19,9 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -28,10 +30,10 @@ import yaml
 
 from model.balance import make_balancer
 from model.data import Split, encode_split, fit_schema, load_frames
+from model.evaluate import evaluate_split, to_tensors
 from model.nets import MultiTaskRanker
 from mtrank.config import Config, TaskConfig, parse_config
 from mtrank.encoding import FittedSchema
-from mtrank.metrics import binary_metrics, regression_metrics
 
 LOWER_IS_BETTER = ("logloss", "mse", "mae", "loss", "ece")
 
@@ -41,10 +43,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def to_tensors(split: Split) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in split.inputs.items()}
 
 
 def task_losses(out: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor, mask: torch.Tensor,
@@ -66,50 +64,6 @@ def task_losses(out: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor, m
     return torch.stack(losses), torch.stack(present).float()
 
 
-@torch.no_grad()
-def predict(model: MultiTaskRanker, inputs: dict[str, torch.Tensor], batch_size: int = 8192
-            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Scores {name: [N]} and gate weights {gate: [N, m]} for row-aligned inputs."""
-    model.eval()
-    n = next(iter(inputs.values())).shape[0]
-    scores: dict[str, list[np.ndarray]] = {}
-    gates: dict[str, list[np.ndarray]] = {}
-    for i in range(0, n, batch_size):
-        out = model({k: v[i : i + batch_size] for k, v in inputs.items()})
-        for name, v in out["scores"].items():
-            scores.setdefault(name, []).append(v.numpy())
-        for name, v in out["gates"].items():
-            gates.setdefault(name, []).append(v.numpy())
-    return ({k: np.concatenate(v) for k, v in scores.items()}, {k: np.concatenate(v) for k, v in gates.items()})
-
-
-def gate_stats(model: MultiTaskRanker, gates: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Mean weight per expert and mean entropy (nats) of every gate."""
-    stats = {}
-    for spec in model.gate_specs:
-        w = gates[spec.name]
-        entropy = float(np.mean(-np.sum(w * np.log(np.clip(w, 1e-12, 1.0)), axis=1)))
-        stats[spec.name] = {"level": spec.level, "owner": spec.owner, "experts": list(spec.experts),
-                            "mean": [float(x) for x in w.mean(axis=0)], "entropy": entropy}
-    return stats
-
-
-def evaluate_split(cfg: Config, model: MultiTaskRanker, split: Split, tensors: dict[str, torch.Tensor]
-                   ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(per-task metrics, gate statistics) on one split."""
-    scores, gates = predict(model, tensors)
-    metrics: dict[str, Any] = {}
-    for k, t in enumerate(cfg.tasks):
-        m = split.mask[:, k]
-        y, p = split.labels[m, k], scores[t.name][m]
-        if t.type == "binary":
-            groups = split.groups[m] if split.groups is not None else None
-            metrics[t.name] = binary_metrics(y, p, groups=groups, n_bins=cfg.eval.ece_bins)
-        else:
-            metrics[t.name] = regression_metrics(y, p)
-    return metrics, gate_stats(model, gates)
-
-
 def select_metric(metrics: dict[str, Any], name: str) -> tuple[float, bool]:
     """(value, higher_is_better) of the early-stopping metric."""
     if name == "mean_auc":
@@ -125,111 +79,225 @@ def build_model(cfg: Config, schema: FittedSchema) -> MultiTaskRanker:
     return MultiTaskRanker(schema, cfg.tasks, cfg.model)
 
 
+# ------------------------------------------------------------------------------- placement, run dir
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process trains: its device, and its rank among ``world_size`` processes.
+
+    Rank 0 is the main process: the only one that writes the run directory and prints progress.
+    """
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def resolve(cls, device: str) -> Placement:
+        """``auto`` is CUDA when available, else CPU; ``cuda`` without a GPU is a config error."""
+        if device == "cuda" and not torch.cuda.is_available():
+            from mtrank.config import ConfigError
+
+            raise ConfigError("train.device: 'cuda' requested but torch.cuda.is_available() is false")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(torch.device(device))
+
+
+class RunDir:
+    """The run directory. Only the main process writes; elsewhere every method is a no-op."""
+
+    def __init__(self, path: str | Path, placement: Placement):
+        self.path = Path(path)
+        self.enabled = placement.is_main
+        self._log: IO[str] | None = None
+        if self.enabled:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.path / "train.log", "w")
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.enabled:
+            (self.path / name).write_text(text)
+
+    def save_split(self, name: str, split: Split) -> None:
+        if self.enabled:
+            split.save(self.path / name)
+
+    def save_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        if self.enabled:
+            torch.save({k: v.cpu() for k, v in state.items()}, self.path / name)
+
+    def log(self, line: str) -> None:
+        """One line to stderr and train.log."""
+        if self._log is not None:
+            print(line, file=sys.stderr, flush=True)
+            self._log.write(line + "\n")
+            self._log.flush()
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+@dataclass
+class TrainData:
+    """A split's inputs, labels and masks as tensors on the training device."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor  # [N, T]
+    mask: torch.Tensor  # [N, T] bool
+
+    @classmethod
+    def from_split(cls, split: Split, device: torch.device) -> TrainData:
+        return cls({k: v.to(device) for k, v in to_tensors(split).items()},
+                   torch.from_numpy(split.labels).to(device), torch.from_numpy(split.mask).to(device))
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass
+class FitResult:
+    best_value: float
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+class Trainer:
+    """Owns the model, the loss balancer and the optimiser on one device; ``step`` is one update."""
+
+    def __init__(self, cfg: Config, model: MultiTaskRanker, placement: Placement):
+        self.cfg, self.placement = cfg, placement
+        self.model = model.to(placement.device)
+        self.balancer = make_balancer(cfg.train.balancer, cfg.tasks).to(placement.device)
+        self.optim = torch.optim.Adam(list(self.model.parameters()) + list(self.balancer.parameters()),
+                                      lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    def step(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, per-task masked losses, balanced backward, optimiser step -> (losses [T], present [T])."""
+        out = self.model(inputs)
+        losses, present = task_losses(out, labels, mask, self.cfg.tasks)
+        self.optim.zero_grad(set_to_none=True)
+        self.balancer.backward(losses, present, self.model)
+        self.optim.step()
+        return losses.detach(), present
+
+    def train_epoch(self, data: TrainData, gen: torch.Generator, desc: str = "") -> dict[str, float]:
+        """One pass over ``data`` in a seeded random order -> mean training loss per task."""
+        tc, T = self.cfg.train, len(self.cfg.tasks)
+        self.model.train()
+        perm = torch.randperm(len(data), generator=gen).to(self.placement.device)
+        sums = torch.zeros(T, device=self.placement.device)
+        counts = torch.zeros(T, device=self.placement.device)
+        batches: Any = range(0, len(data), tc.batch_size)
+        if tc.progress and self.placement.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=desc, leave=False, unit="batch")
+        for i in batches:
+            idx = perm[i : i + tc.batch_size]
+            if len(idx) < 2:  # batch norm cannot train on a single row
+                continue
+            losses, present = self.step({k: v[idx] for k, v in data.inputs.items()}, data.labels[idx], data.mask[idx])
+            sums += losses * present
+            counts += present
+        return {t.name: float(sums[k] / counts[k].clamp_min(1)) for k, t in enumerate(self.cfg.tasks)}
+
+    def fit(self, train: TrainData, validation: Split, run: RunDir) -> FitResult:
+        """Epochs with early stopping on ``train.early_stopping``; the best state is kept (on CPU)."""
+        tc = self.cfg.train
+        gen = torch.Generator().manual_seed(tc.seed)
+        x_val = to_tensors(validation)
+        result: FitResult | None = None
+        train_time, bad_epochs = 0.0, 0
+        history: list[dict[str, Any]] = []
+        for epoch in range(1, tc.epochs + 1):
+            t_epoch = time.perf_counter()
+            task_loss = self.train_epoch(train, gen, desc=f"epoch {epoch}")
+            train_time += time.perf_counter() - t_epoch
+            val_metrics, _ = evaluate_split(self.cfg, self.model, validation, x_val)
+            value, higher = select_metric(val_metrics, tc.early_stopping.metric)
+            history.append({"epoch": epoch, "train_loss": task_loss, "val_metric": value,
+                            "val": {t: {k: v for k, v in m.items() if k in ("auc", "logloss", "mse")}
+                                    for t, m in val_metrics.items()},
+                            "balancer": self.balancer.state()})
+            run.log(f"epoch {epoch}/{tc.epochs} " + " ".join(f"loss[{k}]={v:.4f}" for k, v in task_loss.items())
+                    + f" | val {tc.early_stopping.metric}={value:.4f} ({time.perf_counter() - t_epoch:.1f}s)")
+            if result is None or (value > result.best_value if higher else value < result.best_value):
+                state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                result = FitResult(value, epoch, state)
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+                if bad_epochs > tc.early_stopping.patience:
+                    run.log(f"early stop after epoch {epoch} (best epoch {result.best_epoch})")
+                    break
+        assert result is not None
+        result.history, result.train_seconds = history, train_time
+        self.model.load_state_dict(result.best_state)
+        return result
+
+
+# ------------------------------------------------------------------------------------------ a run
+
+
 def train(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
     """Train, evaluate on validation and test, write the run directory; returns metrics.json."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
+    placement = Placement.resolve(tc.device)
+    run = RunDir(out_dir, placement)
     t0 = time.perf_counter()
     train_df, val_df, test_df = load_frames(cfg)
     schema = fit_schema(cfg, train_df)
     splits = {"train": encode_split(cfg, schema, train_df), "validation": encode_split(cfg, schema, val_df),
               "test": encode_split(cfg, schema, test_df) if len(test_df) else None}
     prep_s = time.perf_counter() - t0
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (out / "schema.json").write_text(json.dumps(schema.to_dict(), indent=1))
-    splits["validation"].save(out / "val.npz")
+    run.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    run.write_text("schema.json", json.dumps(schema.to_dict(), indent=1))
+    run.save_split("val.npz", splits["validation"])
 
-    model = build_model(cfg, schema)
-    balancer = make_balancer(tc.balancer, cfg.tasks)
-    optim = torch.optim.Adam(list(model.parameters()) + list(balancer.parameters()), lr=tc.lr,
-                             weight_decay=tc.weight_decay)
-    tr = splits["train"]
-    x_train = to_tensors(tr)
-    y_train, m_train = torch.from_numpy(tr.labels), torch.from_numpy(tr.mask)
-    x_val = to_tensors(splits["validation"])
-    gen = torch.Generator().manual_seed(tc.seed)
-    n = len(tr)
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    history: list[dict[str, Any]] = []
-    train_time, bad_epochs = 0.0, 0
-    log_file = open(out / "train.log", "w")
-    progress = tc.progress and sys.stderr.isatty()
-    for epoch in range(1, tc.epochs + 1):
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        sums = torch.zeros(len(cfg.tasks))
-        counts = torch.zeros(len(cfg.tasks))
-        t_epoch = time.perf_counter()
-        batches = range(0, n, tc.batch_size)
-        if progress:
-            from tqdm import tqdm
-
-            batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="batch")
-        for i in batches:
-            idx = perm[i : i + tc.batch_size]
-            if len(idx) < 2:  # batch norm cannot train on a single row
-                continue
-            batch = {k: v[idx] for k, v in x_train.items()}
-            out_b = model(batch)
-            losses, present = task_losses(out_b, y_train[idx], m_train[idx], cfg.tasks)
-            optim.zero_grad(set_to_none=True)
-            balancer.backward(losses, present, model)
-            optim.step()
-            sums += losses.detach() * present
-            counts += present
-        train_time += time.perf_counter() - t_epoch
-        val_metrics, _ = evaluate_split(cfg, model, splits["validation"], x_val)
-        value, higher = select_metric(val_metrics, tc.early_stopping.metric)
-        task_loss = {t.name: float(sums[k] / max(counts[k], 1)) for k, t in enumerate(cfg.tasks)}
-        record = {"epoch": epoch, "train_loss": task_loss, "val_metric": value,
-                  "val": {t: {k: v for k, v in m.items() if k in ("auc", "logloss", "mse")} for t, m in val_metrics.items()},
-                  "balancer": balancer.state()}
-        history.append(record)
-        line = (f"epoch {epoch}/{tc.epochs} " + " ".join(f"loss[{k}]={v:.4f}" for k, v in task_loss.items())
-                + f" | val {tc.early_stopping.metric}={value:.4f} ({time.perf_counter() - t_epoch:.1f}s)")
-        print(line, file=sys.stderr, flush=True)
-        log_file.write(line + "\n")
-        improved = best is None or (value > best[0] if higher else value < best[0])
-        if improved:
-            best = (value, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-            if bad_epochs > tc.early_stopping.patience:
-                print(f"early stop after epoch {epoch} (best epoch {best[1]})", file=sys.stderr)
-                break
-    log_file.close()
-    assert best is not None
-    model.load_state_dict(best[2])
-    torch.save(best[2], out / "model.pt")
+    trainer = Trainer(cfg, build_model(cfg, schema), placement)
+    fit = trainer.fit(TrainData.from_split(splits["train"], placement.device), splits["validation"], run)
+    run.save_state("model.pt", fit.best_state)
 
     metrics: dict[str, Any] = {}
     gates: dict[str, Any] = {}
     for name in ("validation", "test"):
         if splits[name] is not None:
-            metrics[name], gates[name] = evaluate_split(cfg, model, splits[name], to_tensors(splits[name]))
+            metrics[name], gates[name] = evaluate_split(cfg, trainer.model, splits[name], to_tensors(splits[name]))
+    n = len(splits["train"])
     result = {
         **metrics,
         "gates": gates,
-        "train": {"arch": cfg.model.arch, "rows": n, "epochs_run": len(history), "best_epoch": best[1],
-                  "best_value": best[0], "early_stopping_metric": tc.early_stopping.metric,
-                  "rows_per_s": n * len(history) / max(train_time, 1e-9), "train_seconds": train_time,
-                  "prepare_seconds": prep_s, "params": sum(p.numel() for p in model.parameters())},
-        "history": history,
+        "train": {"arch": cfg.model.arch, "rows": n, "epochs_run": len(fit.history), "best_epoch": fit.best_epoch,
+                  "best_value": fit.best_value, "early_stopping_metric": tc.early_stopping.metric,
+                  "rows_per_s": n * len(fit.history) / max(fit.train_seconds, 1e-9),
+                  "train_seconds": fit.train_seconds, "prepare_seconds": prep_s, "device": str(placement.device),
+                  "params": sum(p.numel() for p in trainer.model.parameters())},
+        "history": fit.history,
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=1, allow_nan=True))
+    run.write_text("metrics.json", json.dumps(result, indent=1, allow_nan=True))
+    run.close()
     return result
 
 
-# ------------------------------------------------------------------------------------- runs
-
-
 def load_run(run_dir: str | Path) -> tuple[Config, FittedSchema, MultiTaskRanker]:
-    """Config, schema and best model of a finished run."""
+    """Config, schema and best model (on CPU) of a finished run."""
     run = Path(run_dir)
     if not (run / "model.pt").exists():
         raise FileNotFoundError(f"{run}: not a finished run (no model.pt)")
@@ -237,23 +305,6 @@ def load_run(run_dir: str | Path) -> tuple[Config, FittedSchema, MultiTaskRanker
     cfg = parse_config(raw, base_dir=raw["data"].get("base_dir", "."))
     schema = FittedSchema.from_dict(json.loads((run / "schema.json").read_text()))
     model = build_model(cfg, schema)
-    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True, map_location="cpu"))
     model.eval()
     return cfg, schema, model
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """Per-task metrics of validation and test as a text table."""
-    cols = ["auc", "gauc", "logloss", "ece", "mse", "mae"]
-    rows = [f"{'split':<11}{'task':<14}" + "".join(f"{c:>10}" for c in cols)]
-    for split in ("validation", "test"):
-        for task, m in metrics.get(split, {}).items():
-            cells = "".join(f"{m[c]:>10.4f}" if isinstance(m.get(c), (int, float)) else f"{'-':>10}" for c in cols)
-            rows.append(f"{split:<11}{task:<14}{cells}")
-    for split, gates in metrics.get("gates", {}).items():
-        if split != "validation":
-            continue
-        for gate, g in gates.items():
-            weights = " ".join(f"{e}={w:.2f}" for e, w in zip(g["experts"], g["mean"]))
-            rows.append(f"gate {gate:<22} H={g['entropy']:.3f}  {weights}")
-    return "\n".join(rows)

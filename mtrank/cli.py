@@ -23,7 +23,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from model.train import format_table, train
+    from model.evaluate import format_table
+    from model.train import train
     from mtrank.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -36,7 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from model.data import encode_split, load_frames
-    from model.train import evaluate_split, format_table, load_run, to_tensors
+    from model.evaluate import evaluate_split, format_table, to_tensors
+    from model.train import load_run
 
     cfg, schema, model = load_run(args.run_dir)
     _, val_df, test_df = load_frames(cfg)
@@ -127,9 +129,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from model.evaluate import format_table
     from model.export import export_run
     from model.synthetic import DEMO_CONFIG, write
-    from model.train import format_table, train
+    from model.train import train
     from mtrank.config import apply_overrides, parse_config
 
     work = Path(args.workdir).resolve()

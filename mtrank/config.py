@@ -193,6 +193,7 @@ class TrainConfig(_Strict):
     balancer: Literal["fixed", "uncertainty"] = "fixed"
     early_stopping: EarlyStopping = EarlyStopping()
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch default
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     progress: bool = True
 
 

@@ -39,7 +39,8 @@ def arch_bundle(request, tmp_path_factory, demo_data: Path) -> tuple[Path, Path]
 def test_round_trip_matches_torch(arch_bundle: tuple[Path, Path]) -> None:
     """ONNX Runtime reproduces PyTorch's scores and gate weights on the whole validation split."""
     from model.data import Split
-    from model.train import load_run, predict, to_tensors
+    from model.evaluate import predict, to_tensors
+    from model.train import load_run
 
     run, bundle = arch_bundle
     manifest, _ = verify_bundle(bundle)

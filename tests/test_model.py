@@ -48,11 +48,15 @@ def _inputs(b: int, request_batch: int | None = None, seed: int = 0) -> dict[str
     }
 
 
-def _model(arch: str, **kw) -> MultiTaskRanker:
+# Three tasks without a chain: under a chain, the parent's tower is reached by the chained task's loss too
+UNCHAINED = [TASKS[0], TaskConfig(name="like", label={"column": "like"}), TASKS[2]]
+
+
+def _model(arch: str, tasks: list[TaskConfig] = TASKS, **kw) -> MultiTaskRanker:
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, embedding_dim=4, expert_hidden=[8], tower_hidden=[4], n_experts=3,
-                      n_shared_experts=2, n_task_experts=1, levels=2, **kw)
-    return MultiTaskRanker(_schema(), TASKS, cfg).eval()
+    cfg = ModelConfig(**({"arch": arch, "embedding_dim": 4, "expert_hidden": [8], "tower_hidden": [4], "n_experts": 3,
+                          "n_shared_experts": 2, "n_task_experts": 1, "levels": 2} | kw))
+    return MultiTaskRanker(_schema(), tasks, cfg).eval()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -116,7 +120,7 @@ def test_ple_level_routes_each_task_its_own_output() -> None:
     model = _model("ple")
     level1: ExtractionLevel = model.levels[1]
     h = torch.randn(len(TASKS) + 1, 6, 8, requires_grad=True)  # [T + 1, B, H] outputs of level 0
-    out, _ = level1(h)
+    out, _, _ = level1(h)
     T = len(TASKS)
     for k in range(T):
         (grad,) = torch.autograd.grad(out[k].sum(), h, retain_graph=True)
@@ -130,14 +134,42 @@ def test_ple_level_routes_each_task_its_own_output() -> None:
 def test_ple_expert_batching_matches_per_expert_loop() -> None:
     """The batched expert GEMM equals running each expert MLP on its own."""
     model = _model("ple")
-    lvl = model.levels[0]
-    x = torch.randn(5, lvl.experts.weights[0].shape[1])
-    batched = lvl.experts(x)  # [n, B, H]
-    for e in range(lvl.experts.n):
-        h = x
-        for w, b in zip(lvl.experts.weights, lvl.experts.biases):
-            h = torch.relu(h @ w[e] + b[e])
-        torch.testing.assert_close(batched[e], h)
+    for experts in (model.levels[0].task_experts, model.levels[0].shared_experts):
+        x = torch.randn(5, experts.weights[0].shape[1])
+        batched = experts(x)  # [n, B, H]
+        for e in range(experts.n):
+            h = x
+            for w, b in zip(experts.weights, experts.biases):
+                h = torch.relu(h @ w[e] + b[e])
+            torch.testing.assert_close(batched[e], h)
+
+
+@pytest.mark.parametrize(("arch", "levels"), [(a, 2) for a in ARCHS] + [("ple", 3), ("ple", 4)])
+def test_parameter_groups_follow_which_losses_reach_them(arch: str, levels: int) -> None:
+    """Per-task gradients on a batch: no element of a task-specific tensor gets gradient from two tasks,
+    every shared tensor has an element that does, and the groups cover every parameter exactly once."""
+    model = _model(arch, UNCHAINED, levels=levels, tower_hidden=[16], expert_hidden=[16]).train()
+    groups = model.parameter_groups()
+    everything = list(model.parameters())
+    ids = [id(p) for p in groups.shared + groups.task_specific]
+    assert sorted(ids) == sorted(id(p) for p in everything) and len(set(ids)) == len(ids)
+    x = _inputs(64)
+    losses, _ = task_losses(model(x), torch.tensor([[1.0, 0.0, 2.0]] * 32 + [[0.0, 1.0, 0.5]] * 32),
+                            torch.ones(64, 3, dtype=torch.bool), UNCHAINED)
+    grads = [torch.autograd.grad(loss, everything, retain_graph=True, allow_unused=True) for loss in losses]
+    reached = {id(p): torch.stack([(g[i] if g[i] is not None else torch.zeros_like(p)) != 0 for g in grads]).sum(0)
+               for i, p in enumerate(everything)}  # per element: how many task losses reach it
+    for p in groups.task_specific:
+        assert reached[id(p)].max() <= 1, f"{arch}: a task-specific tensor {tuple(p.shape)} is reached by two tasks"
+    for p in groups.shared:
+        if p is model.embedding.table.weight or p.dim() == 1 and p.numel() == 1:
+            continue  # embedding rows a batch does not use get no gradient at all
+        assert reached[id(p)].max() >= 2, f"{arch}: shared tensor {tuple(p.shape)} is reached by one task only"
+    assert any(groups.layer is p for p in groups.shared)
+    expected = {"single": model.embedding.table.weight, "shared_bottom": model.body.weights[-1] if model.body else None}
+    if arch in ("mmoe", "cgc", "ple"):
+        expected[arch] = model.levels[-1].shared_experts.weights[-1]
+    assert groups.layer is expected[arch], f"{arch}: GradNorm's layer is not the last shared layer feeding the towers"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
