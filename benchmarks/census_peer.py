@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
+from benchmarks.common import log, mean_std, write_docs  # noqa: E402
 from model.data import encode_split, fit_schema, load_frames  # noqa: E402
 from model.evaluate import predict  # noqa: E402
 from model.train import load_run, train  # noqa: E402
@@ -67,12 +69,7 @@ EXAMPLES = ROOT / "examples" / "census-income"
 MULTI_TASK_ARCHS = ["shared_bottom", "mmoe", "cgc", "ple"]
 ALL_ARCHS = ["single", *MULTI_TASK_ARCHS]
 START, END = "<!-- census-peer:start -->", "<!-- census-peer:end -->"
-DOC_TITLE = "# Benchmarks"
 SECTION_TITLE = "## Census-Income (KDD): accuracy and training throughput vs torch-rechub"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ ours
@@ -153,9 +150,16 @@ class PeerData:
             if local.min() < 0 or local.max() >= f.size:
                 raise RuntimeError(f"{f.name}: local ids outside [0, {f.size})")
             x[f.name] = np.ascontiguousarray(local)
-        for j, f in enumerate(self.dense_feats):
-            x[f.name] = np.ascontiguousarray(dense[:, j])
+        col = 0
+        for f in self.dense_feats:  # one peer DenseFeature per dense column (piecewise-linear: 1 + bins)
+            for k in range(f.width):
+                x[self._dense_name(f, k)] = np.ascontiguousarray(dense[:, col])
+                col += 1
         return x
+
+    @staticmethod
+    def _dense_name(f, k: int) -> str:
+        return f.name if f.width == 1 else f"{f.name}.{k}"
 
     def labels(self, split: str) -> np.ndarray:
         return self.splits[split].labels  # [N, T] float32
@@ -165,7 +169,7 @@ class PeerData:
         from torch_rechub.basic.features import DenseFeature, SparseFeature
 
         return ([SparseFeature(f.name, vocab_size=f.size, embed_dim=embed_dim) for f in self.id_feats]
-                + [DenseFeature(f.name) for f in self.dense_feats])
+                + [DenseFeature(self._dense_name(f, k)) for f in self.dense_feats for k in range(f.width)])
 
 
 def build_rechub_model(arch: str, cfg: Config, features: list, n_tasks: int) -> torch.nn.Module:
@@ -194,7 +198,29 @@ def seed_peer(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def run_rechub(args: argparse.Namespace, arch: str, seed: int, data: PeerData) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PeerSettings:
+    """How torch-rechub trains: the equal-budget comparison, or its own census recipe."""
+
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    patience: int | None = None  # None: every epoch runs
+    stop_task: int | None = None  # early-stopping metric: that task's validation AUC (None: the mean)
+
+    @classmethod
+    def budget(cls, args: argparse.Namespace) -> PeerSettings:
+        return cls(args.epochs, args.lr, args.weight_decay, args.batch_size)
+
+    @classmethod
+    def own_recipe(cls, args: argparse.Namespace) -> PeerSettings:
+        """examples/ranking/run_census.py: Adam lr 1e-3, weight decay 1e-4, batch 1024, early stopping with
+        patience 30 on the first task's (income's) validation AUC."""
+        return cls(args.peer_max_epochs, 1e-3, 1e-4, 1024, patience=30, stop_task=0)
+
+
+def run_rechub(args: argparse.Namespace, arch: str, seed: int, data: PeerData, peer: PeerSettings) -> dict[str, Any]:
     from torch_rechub.trainers import MTLTrainer
     from torch_rechub.utils.data import DataGenerator
 
@@ -206,15 +232,16 @@ def run_rechub(args: argparse.Namespace, arch: str, seed: int, data: PeerData) -
     dg = DataGenerator(data.columns["train"], data.labels("train"))
     train_dl, val_dl, _ = dg.generate_dataloader(
         x_val=data.columns["validation"], y_val=data.labels("validation"),
-        x_test=data.columns["test"], y_test=data.labels("test"), batch_size=args.batch_size)
+        x_test=data.columns["test"], y_test=data.labels("test"), batch_size=peer.batch_size)
+    t_wall = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"census-peer-rechub-{arch}-{seed}-") as model_path:
         trainer = MTLTrainer(model, task_types=["classification"] * n_tasks, optimizer_fn=torch.optim.Adam,
-                             optimizer_params={"lr": args.lr, "weight_decay": args.weight_decay},
-                             n_epoch=args.epochs, earlystop_patience=args.epochs + 1, device="cpu",
+                             optimizer_params={"lr": peer.lr, "weight_decay": peer.weight_decay},
+                             n_epoch=peer.epochs, earlystop_patience=peer.epochs + 1, device="cpu",
                              model_path=model_path)
         best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         train_time, history = 0.0, []
-        for epoch in range(1, args.epochs + 1):
+        for epoch in range(1, peer.epochs + 1):
             out = io.StringIO()  # rechub prints one "train loss" line per epoch; keep it, off the console
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(out):
@@ -222,13 +249,16 @@ def run_rechub(args: argparse.Namespace, arch: str, seed: int, data: PeerData) -
             dt = time.perf_counter() - t0
             train_time += dt
             scores = trainer.evaluate(trainer.model, val_dl)  # roc_auc_score per task on validation
-            value = float(np.mean(scores))
-            history.append({"epoch": epoch, "val_mean_auc": value, "val_auc": [float(s) for s in scores],
+            value = float(np.mean(scores) if peer.stop_task is None else scores[peer.stop_task])
+            history.append({"epoch": epoch, "val_metric": value, "val_auc": [float(s) for s in scores],
                             "train_loss": [float(x) for x in losses], "train_seconds": dt})
-            print(f"rechub {arch} seed {seed} epoch {epoch}/{args.epochs} | val mean_auc={value:.4f} "
+            print(f"rechub {arch} seed {seed} epoch {epoch}/{peer.epochs} | val metric={value:.4f} "
                   f"({dt:.1f}s train)", file=sys.stderr, flush=True)
             if best is None or value > best[0]:
                 best = (value, epoch, copy.deepcopy(trainer.model.state_dict()))
+            elif peer.patience is not None and epoch - best[1] >= peer.patience:
+                break
+    wall = time.perf_counter() - t_wall
     assert best is not None
     model.load_state_dict(best[2])
     model.eval()
@@ -244,17 +274,14 @@ def run_rechub(args: argparse.Namespace, arch: str, seed: int, data: PeerData) -
     return {
         "impl": "rechub", "arch": arch, "seed": seed,
         "test_auc": {t: float(roc_auc_score(y[:, k], p[:, k])) for k, t in enumerate(data.task_names)},
-        "rows_per_s": rows * args.epochs / max(train_time, 1e-9), "train_seconds": train_time, "rows": rows,
-        "epochs_run": args.epochs, "best_epoch": best[1], "params": sum(q.numel() for q in model.parameters()),
+        "rows_per_s": rows * len(history) / max(train_time, 1e-9), "train_seconds": train_time, "rows": rows,
+        "wall_seconds": wall, "epochs_run": len(history), "best_epoch": best[1],
+        "params": sum(q.numel() for q in model.parameters()),
         "history": history,
     }
 
 
 # ---------------------------------------------------------------------------------------- report
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0)
 
 
 def summarize(results: list[dict[str, Any]], archs: list[str], tasks: list[str]) -> dict[str, Any]:
@@ -388,22 +415,6 @@ def render(summary: dict[str, Any], meta: dict[str, Any], tasks: list[str]) -> s
     return "\n".join(lines)
 
 
-def write_docs(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else f"{DOC_TITLE}\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        if SECTION_TITLE not in text:
-            text = text.rstrip("\n") + f"\n\n{SECTION_TITLE}\n\n{section}\n"
-        else:  # heading present, markers missing: put the markers right under the heading
-            head, tail = text.split(SECTION_TITLE, 1)
-            text = head + SECTION_TITLE + "\n\n" + section + "\n" + tail.lstrip("\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -442,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         section = render(saved["summary"], saved["meta"], list(saved["results"][0]["test_auc"]))
         print(section)
         if not args.no_docs:
-            write_docs(Path(args.docs), section)
+            write_docs(Path(args.docs), section, START, END)
         return 0
     if args.data_dir:
         os.environ["MTRANK_DATA_DIR"] = str(Path(args.data_dir).resolve())
@@ -476,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             if arch == "single":
                 continue
             log(f"rechub {arch:<13} seed {seed}")
-            r = run_rechub(args, arch, seed, data)
+            r = run_rechub(args, arch, seed, data, PeerSettings.budget(args))
             results.append(r)
             log(f"  rechub {arch} seed {seed}: test auc " + " ".join(f"{t}={v:.4f}" for t, v in r["test_auc"].items())
                 + f" | {r['rows_per_s']:,.0f} rows/s | params {r['params']:,} | best epoch {r['best_epoch']}")
@@ -507,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(summary, meta, tasks)
     print(section)
     if not args.no_docs:
-        write_docs(Path(args.docs), section)
+        write_docs(Path(args.docs), section, START, END)
         log(f"updated {args.docs}")
     log(f"raw results: {args.out_json}; total {meta['total_minutes']:.1f} min")
     return 0

@@ -67,18 +67,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import log, write_docs  # noqa: E402
+
 START, END = "<!-- serve-bench:start -->", "<!-- serve-bench:end -->"
-DOC_TITLE = "# Benchmarks"
 SECTION_TITLE = "## Serving: in-process scoring and /rank throughput"
 SIZES = (10, 100, 500, 1000)
 HTTP_CANDIDATES = 100
 BODY_POOL = 64  # distinct request bodies per candidate count (cycled)
 SEED = 0
 CONNECT_STAGGER_S = 0.1  # between the load generator's connection openings (all during warm-up)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -778,21 +778,6 @@ def render(meta: dict[str, Any], inproc: dict[str, Any] | None, http: dict[str, 
             " / ".join(f"{c:.1f}" for c in r) for r in b["busiest_processes_cpu_s"]) + "."]
     lines += ["", f"Raw results: `{meta['out_json']}` (JSON, not committed).", "", END]
     return "\n".join(lines)
-
-
-def write_docs(path: Path, section: str, start: str = START, end: str = END) -> None:
-    """Replace only the text between the markers ``start`` / ``end`` (re-read right before writing; the
-    section includes them); append the section at the end when they are missing."""
-    text = path.read_text() if path.exists() else f"{DOC_TITLE}\n"
-    i, j = text.find(start), text.find(end)
-    if 0 <= i < j:
-        text = text[:i] + section + text[j + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -44,29 +44,53 @@ class Split:
 # ----------------------------------------------------------------------------------- reading
 
 
-def read_files(data: DataConfig, files: list[str], columns: list[str]) -> pd.DataFrame:
-    """Read CSV (optionally gzipped) or Parquet files; every column as text (canonical form)."""
+def file_columns(data: DataConfig, path: Path, fmt: str) -> list[str]:
+    """The column names of one data file, read from its header or schema (or ``data.columns``)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    if not data.header:
+        return list(data.columns or [])
+    return [str(c) for c in pd.read_csv(path, sep=data.sep, nrows=0, skipinitialspace=True).columns]
+
+
+def read_files(data: DataConfig, files: list[str], columns: dict[str, str]) -> pd.DataFrame:
+    """Read CSV (optionally gzipped) or Parquet files; every column as text (canonical form).
+
+    ``columns`` maps each needed column to the config field that names it; a column the file lacks is a
+    ``ConfigError`` naming that field and the file.
+    """
     frames = []
     for f in files:
         path = data.resolve(f)
         if not path.exists():
             raise ConfigError(f"data: file not found: {path}")
         fmt = data.format if data.format != "auto" else ("parquet" if path.suffix == ".parquet" else "csv")
+        present = set(file_columns(data, path, fmt))
+        missing = [(col, where) for col, where in columns.items() if col not in present]
+        if missing:
+            raise ConfigError("\n".join(f"{where}: column '{col}' not in {path.name}" for col, where in missing))
         if fmt == "parquet":
-            df = pd.read_parquet(path, columns=columns)
+            df = pd.read_parquet(path, columns=list(columns))
         else:
             df = pd.read_csv(path, sep=data.sep, header=0 if data.header else None, names=data.columns,
-                             usecols=columns, dtype=str, na_values=data.na_values, keep_default_na=False,
+                             usecols=list(columns), dtype=str, na_values=data.na_values, keep_default_na=False,
                              skipinitialspace=True, engine="c")
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
-def needed_columns(cfg: Config) -> list[str]:
-    cols = [f.source for f in cfg.features] + [t.label.column for t in cfg.tasks]
+def needed_columns(cfg: Config) -> dict[str, str]:
+    """Every column the config reads -> the first config field that names it (for error messages)."""
+    cols: dict[str, str] = {}
+    for i, f in enumerate(cfg.features):
+        cols.setdefault(f.source, f"features.{i}.{'column' if f.column else 'name'}")
+    for i, t in enumerate(cfg.tasks):
+        cols.setdefault(t.label.column, f"tasks.{i}.label.column")
     if cfg.eval.group_column:
-        cols.append(cfg.eval.group_column)
-    return list(dict.fromkeys(cols))
+        cols.setdefault(cfg.eval.group_column, "eval.group_column")
+    return cols
 
 
 def _carve(df: pd.DataFrame, fractions: list[float], seed: int) -> list[pd.DataFrame]:
@@ -122,9 +146,14 @@ def fit_schema(cfg: Config, train: pd.DataFrame) -> FittedSchema:
             finite = x[np.isfinite(x)]
             default = f.default if f.default is not None else (float(np.nanmean(raw)) if np.isfinite(raw).any() else 0.0)
             mean, std = (float(finite.mean()), float(finite.std())) if f.normalize == "standard" and finite.size else (0.0, 1.0)
+            edges: list[float] = []
+            if f.encoding == "piecewise_linear" and finite.size:
+                distinct = np.unique(finite)
+                edges = np.unique(np.quantile(distinct, np.linspace(0.0, 1.0, f.bins + 1))).tolist()
+                edges = edges if len(edges) >= 2 else []
             fitted.append(FittedFeature(name=f.name, kind="numeric", side=f.side, source=f.source,
                                         transform=f.transform, mean=mean, std=std if std > 1e-12 else 1.0,
-                                        default=default, clip=f.clip))
+                                        default=default, clip=f.clip, edges=edges))
             continue
         if f.kind == "categorical" and f.encoding == "vocab":
             counts = pd.Series(_text(col)).value_counts()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from model.data import Split
+from model.gates import gate_health
 from model.nets import MultiTaskRanker
 from mtrank.config import Config
 from mtrank.metrics import binary_metrics, regression_metrics
@@ -36,13 +37,17 @@ def predict(model: MultiTaskRanker, inputs: dict[str, torch.Tensor], batch_size:
 
 
 def gate_stats(model: MultiTaskRanker, gates: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Mean weight per expert and mean entropy (nats) of every gate."""
+    """Per gate: mean weight per expert, mean entropy (nats), dead and dominant experts (``model.gates``)."""
     stats = {}
     for spec in model.gate_specs:
         w = gates[spec.name]
         entropy = float(np.mean(-np.sum(w * np.log(np.clip(w, 1e-12, 1.0)), axis=1)))
+        mean = w.mean(axis=0)
+        health = gate_health(mean)
         stats[spec.name] = {"level": spec.level, "owner": spec.owner, "experts": list(spec.experts),
-                            "mean": [float(x) for x in w.mean(axis=0)], "entropy": entropy}
+                            "mean": [float(x) for x in mean], "entropy": entropy,
+                            "dead": [spec.experts[i] for i in health["dead"]],
+                            "dominant": [spec.experts[i] for i in health["dominant"]]}
     return stats
 
 

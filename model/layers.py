@@ -113,15 +113,26 @@ class BatchedMLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """Softmax gate over ``m`` experts: input [B, I] -> weights [B, m] (rows sum to 1)."""
+    """Softmax gate over ``m`` experts: input [B, I] -> weights [B, m] (rows sum to 1).
 
-    def __init__(self, in_dim: int, n_experts: int, temperature: float = 1.0):
+    ``expert_dropout`` p (training only): each row drops each expert with probability p and renormalises
+    over the experts it kept; a row that would drop every expert keeps them all.
+    """
+
+    def __init__(self, in_dim: int, n_experts: int, temperature: float = 1.0, expert_dropout: float = 0.0):
         super().__init__()
         self.linear = nn.Linear(in_dim, n_experts)
         self.temperature = temperature
+        self.expert_dropout = expert_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.linear(x) / self.temperature, dim=-1)
+        w = torch.softmax(self.linear(x) / self.temperature, dim=-1)
+        if self.training and self.expert_dropout > 0:
+            keep = torch.rand_like(w) >= self.expert_dropout  # [B, m]
+            keep = keep | ~keep.any(dim=1, keepdim=True)
+            w = w * keep
+            w = w / w.sum(dim=1, keepdim=True)
+        return w
 
 
 def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

@@ -66,8 +66,9 @@ class ExtractionLevel(nn.Module):
         self.full_selection = [sel == list(range(n_total)) for sel in self.selections]
         for k, sel in enumerate(self.selections):
             self.register_buffer(f"sel{k}", torch.tensor(sel), persistent=False)
-        self.gates = nn.ModuleList(Gate(in_dim, len(sel), cfg.gate_temperature) for sel in self.selections)
-        self.shared_gate = Gate(in_dim, n_total, cfg.gate_temperature) if shared_gate else None
+        gate = dict(temperature=cfg.gate_temperature, expert_dropout=cfg.expert_dropout)
+        self.gates = nn.ModuleList(Gate(in_dim, len(sel), **gate) for sel in self.selections)
+        self.shared_gate = Gate(in_dim, n_total, **gate) if shared_gate else None
         self.gate_specs = [GateSpec(f"gate_l{level}_{t}", level, t, tuple(self.expert_names[i] for i in sel))
                            for t, sel in zip(tasks, self.selections)]
         if shared_gate:

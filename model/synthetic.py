@@ -193,6 +193,31 @@ def generate(n_rows: int, n_users: int = 2000, n_items: int = 500, seed: int = 0
     })
 
 
+def correlated_regression(n_rows: int, correlation: float, seed: int = 0, dim: int = 100, n_sines: int = 10,
+                          scale: float = 1.0, noise: float = 0.1) -> pd.DataFrame:
+    """Two regression tasks whose relatedness is set by ``correlation`` (Ma et al., KDD 2018, Section 4.1).
+
+    Unit vectors u1 ⟂ u2 in R^dim; w1 = c u1, w2 = c (p u1 + sqrt(1 - p^2) u2) with p = ``correlation``
+    (the cosine of w1 and w2), c = ``scale``; x ~ N(0, I); for each task
+    y_t = w_t.x + sum_k sin(alpha_k w_t.x + beta_k) + N(0, noise^2), with alpha_k, beta_k ~ N(0, 1) shared by
+    both tasks. The non-linear part makes the label correlation fall below p; p = 1 gives identical tasks
+    up to noise. Columns ``x0 .. x{dim-1}``, ``y1``, ``y2``.
+    """
+    if not -1.0 <= correlation <= 1.0:
+        raise ValueError(f"correlation must be in [-1, 1], got {correlation}")
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, 2)))
+    u1, u2 = q[:, 0], q[:, 1]
+    w = scale * np.stack([u1, correlation * u1 + np.sqrt(1.0 - correlation**2) * u2])  # [2, dim]
+    alpha, beta = rng.normal(size=n_sines), rng.normal(size=n_sines)
+    x = rng.normal(size=(n_rows, dim))
+    z = x @ w.T  # [n, 2]
+    y = z + np.sin(z[:, :, None] * alpha + beta).sum(-1) + rng.normal(scale=noise, size=z.shape)
+    out = pd.DataFrame(x.astype(np.float32), columns=[f"x{i}" for i in range(dim)])
+    out["y1"], out["y2"] = y[:, 0], y[:, 1]
+    return out
+
+
 def write(path: str | Path, n_rows: int, seed: int = 0, **options: Any) -> Path:
     """Generate ``n_rows`` rows (``options`` go to :func:`generate`) and write them by suffix.
 

@@ -27,12 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from model.balance import make_balancer
+from model.balance import StepContext, make_balancer, task_gradients
 from model.data import Split, encode_split, fit_schema, load_frames
 from model.evaluate import evaluate_split, to_tensors
+from model.gates import gate_regularization
 from model.nets import MultiTaskRanker
-from mtrank.config import Config, TaskConfig, parse_config
+from mtrank.config import Config, GradNormBalancer, TaskConfig, parse_config
 from mtrank.encoding import FittedSchema
 
 LOWER_IS_BETTER = ("logloss", "mse", "mae", "loss", "ece")
@@ -65,14 +67,15 @@ def task_losses(out: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor, m
 
 
 def select_metric(metrics: dict[str, Any], name: str) -> tuple[float, bool]:
-    """(value, higher_is_better) of the early-stopping metric."""
+    """(value, higher_is_better) of a resolved early-stopping metric (``Config.stopping_metric``; the config
+    validated its name). ``loss`` is the mean over tasks of log loss (binary) or MSE (regression)."""
     if name == "mean_auc":
         aucs = [m["auc"] for m in metrics.values() if "auc" in m and not math.isnan(m["auc"])]
         return (float(np.mean(aucs)) if aucs else float("nan")), True
+    if name == "loss":
+        return float(np.mean([m["logloss"] if "logloss" in m else m["mse"] for m in metrics.values()])), False
     task, _, key = name.partition(".")
-    if task not in metrics or key not in metrics[task]:
-        raise KeyError(f"train.early_stopping.metric: {name!r} is not a validation metric")
-    return float(metrics[task][key]), key not in LOWER_IS_BETTER
+    return float(metrics[task].get(key, math.nan)), key not in LOWER_IS_BETTER
 
 
 def build_model(cfg: Config, schema: FittedSchema) -> MultiTaskRanker:
@@ -174,34 +177,120 @@ class FitResult:
     train_seconds: float = 0.0
 
 
+@dataclass
+class EpochStats:
+    """Accumulated over one epoch's steps; ``record`` turns it into the epoch's instruments."""
+
+    T: int
+    device: torch.device
+    loss_sum: torch.Tensor = field(init=False)
+    loss_count: torch.Tensor = field(init=False)
+    weight_sum: torch.Tensor = field(init=False)
+    steps: int = 0
+    probes: int = 0
+    grad_norm_sum: torch.Tensor = field(init=False)
+    cosine_sum: torch.Tensor = field(init=False)
+    pair_count: torch.Tensor = field(init=False)
+    clipped: int = 0
+    skipped: int = 0
+    probe_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        z = lambda *shape: torch.zeros(*shape, device=self.device)  # noqa: E731
+        self.loss_sum, self.loss_count, self.weight_sum, self.grad_norm_sum = z(self.T), z(self.T), z(self.T), z(self.T)
+        self.cosine_sum, self.pair_count = z(self.T, self.T), z(self.T, self.T)
+
+    def probe(self, grads: torch.Tensor, present: torch.Tensor) -> None:
+        """Per-task gradients on the shared parameters [T, P] of one batch -> norms and pairwise cosines."""
+        norms = grads.norm(dim=1)  # [T]
+        unit = grads / norms.clamp_min(1e-12).unsqueeze(1)
+        both = present.unsqueeze(0) * present.unsqueeze(1) * (norms > 0).float().unsqueeze(0) * (norms > 0).float().unsqueeze(1)
+        self.grad_norm_sum += norms
+        self.cosine_sum += (unit @ unit.T) * both
+        self.pair_count += both
+        self.probes += 1
+
+    def record(self, tasks: list[str]) -> dict[str, Any]:
+        mean_loss = (self.loss_sum / self.loss_count.clamp_min(1)).tolist()
+        out: dict[str, Any] = {
+            "train_loss": dict(zip(tasks, mean_loss)),
+            "weights": dict(zip(tasks, (self.weight_sum / max(self.steps, 1)).tolist())),
+            "steps": self.steps, "clipped_steps": self.clipped, "skipped_steps": self.skipped,
+        }
+        if self.probes:
+            cos = (self.cosine_sum / self.pair_count.clamp_min(1)).tolist()
+            out["grad_norm"] = dict(zip(tasks, (self.grad_norm_sum / self.probes).tolist()))
+            out["grad_cosine"] = {f"{a}|{b}": (cos[i][j] if self.pair_count[i, j] > 0 else math.nan)
+                                  for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j}
+            out["probes"], out["probe_seconds"] = self.probes, self.probe_seconds
+        return out
+
+
 class Trainer:
     """Owns the model, the loss balancer and the optimiser on one device; ``step`` is one update."""
 
     def __init__(self, cfg: Config, model: MultiTaskRanker, placement: Placement):
         self.cfg, self.placement = cfg, placement
+        tc = cfg.train
         self.model = model.to(placement.device)
-        self.balancer = make_balancer(cfg.train.balancer, cfg.tasks).to(placement.device)
-        self.optim = torch.optim.Adam(list(self.model.parameters()) + list(self.balancer.parameters()),
-                                      lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.groups = self.model.parameter_groups()
+        self.balancer = make_balancer(tc.balancer, cfg.tasks, seed=tc.seed).to(placement.device)
+        balancer_lr = tc.balancer.lr if isinstance(tc.balancer, GradNormBalancer) else tc.lr
+        groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
+        if any(True for _ in self.balancer.parameters()):
+            groups.append({"params": list(self.balancer.parameters()), "lr": balancer_lr, "weight_decay": 0.0})
+        self.optim = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.ema: AveragedModel | None = None
+        if tc.ema_decay is not None:  # buffers (batch-norm statistics) averaged too
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
 
-    def step(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, per-task masked losses, balanced backward, optimiser step -> (losses [T], present [T])."""
+    @property
+    def evaluated(self) -> MultiTaskRanker:
+        """The weights that are validated and kept: the moving average when ``train.ema_decay`` is set."""
+        return self.ema.module if self.ema is not None else self.model  # type: ignore[return-value]
+
+    def step(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor, stats: EpochStats,
+             probe: bool = False) -> None:
+        """Forward, per-task masked losses (+ gate terms), balanced backward, clip, optimiser step."""
+        tc = self.cfg.train
         out = self.model(inputs)
         losses, present = task_losses(out, labels, mask, self.cfg.tasks)
         self.optim.zero_grad(set_to_none=True)
-        self.balancer.backward(losses, present, self.model)
-        self.optim.step()
-        return losses.detach(), present
+        if probe:
+            t0 = time.perf_counter()
+            stats.probe(task_gradients(losses, present, self.groups.shared), present)
+            stats.probe_seconds += time.perf_counter() - t0
+        ctx = StepContext(self.groups, out["representation"], gate_regularization(out["gates"], tc.gates))
+        weights = self.balancer.backward(losses, present, ctx)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf)
+        if not torch.isfinite(norm):  # an exploding or NaN gradient: skip the update, count it
+            stats.skipped += 1
+        else:
+            stats.clipped += int(tc.grad_clip is not None and float(norm) > tc.grad_clip)
+            self.optim.step()
+            self.balancer.after_step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        losses = losses.detach()
+        ok = present * torch.isfinite(losses)
+        stats.loss_sum += torch.nan_to_num(losses) * ok
+        stats.loss_count += ok
+        stats.weight_sum += weights
+        stats.steps += 1
 
-    def train_epoch(self, data: TrainData, gen: torch.Generator, desc: str = "") -> dict[str, float]:
-        """One pass over ``data`` in a seeded random order -> mean training loss per task."""
+    def train_epoch(self, data: TrainData, gen: torch.Generator, desc: str = "") -> EpochStats:
+        """One pass over ``data`` in a seeded random order."""
         tc, T = self.cfg.train, len(self.cfg.tasks)
         self.model.train()
         perm = torch.randperm(len(data), generator=gen).to(self.placement.device)
-        sums = torch.zeros(T, device=self.placement.device)
-        counts = torch.zeros(T, device=self.placement.device)
-        batches: Any = range(0, len(data), tc.batch_size)
+        stats = EpochStats(T, self.placement.device)
+        starts = list(range(0, len(data), tc.batch_size))
+        n_probe = min(tc.instruments.probes_per_epoch, len(starts))
+        probes = {starts[int(i)] for i in np.linspace(0, len(starts) - 1, n_probe)} if n_probe else set()
+        batches: Any = starts
         if tc.progress and self.placement.is_main and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -210,36 +299,54 @@ class Trainer:
             idx = perm[i : i + tc.batch_size]
             if len(idx) < 2:  # batch norm cannot train on a single row
                 continue
-            losses, present = self.step({k: v[idx] for k, v in data.inputs.items()}, data.labels[idx], data.mask[idx])
-            sums += losses * present
-            counts += present
-        return {t.name: float(sums[k] / counts[k].clamp_min(1)) for k, t in enumerate(self.cfg.tasks)}
+            self.step({k: v[idx] for k, v in data.inputs.items()}, data.labels[idx], data.mask[idx], stats,
+                      probe=i in probes)
+        self.balancer.end_epoch(stats.loss_sum / stats.loss_count.clamp_min(1))
+        return stats
 
     def fit(self, train: TrainData, validation: Split, run: RunDir) -> FitResult:
-        """Epochs with early stopping on ``train.early_stopping``; the best state is kept (on CPU)."""
-        tc = self.cfg.train
+        """Epochs with early stopping on the resolved ``train.early_stopping`` metric; keeps the best state (CPU)."""
+        tc, metric = self.cfg.train, self.cfg.stopping_metric
+        if tc.lr_schedule == "cosine":
+            steps = tc.epochs * math.ceil(len(train) / tc.batch_size)
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optim, T_max=steps)
         gen = torch.Generator().manual_seed(tc.seed)
         x_val = to_tensors(validation)
         result: FitResult | None = None
         train_time, bad_epochs = 0.0, 0
         history: list[dict[str, Any]] = []
+        tasks = self.cfg.task_names
         for epoch in range(1, tc.epochs + 1):
             t_epoch = time.perf_counter()
-            task_loss = self.train_epoch(train, gen, desc=f"epoch {epoch}")
-            train_time += time.perf_counter() - t_epoch
-            val_metrics, _ = evaluate_split(self.cfg, self.model, validation, x_val)
-            value, higher = select_metric(val_metrics, tc.early_stopping.metric)
-            history.append({"epoch": epoch, "train_loss": task_loss, "val_metric": value,
-                            "val": {t: {k: v for k, v in m.items() if k in ("auc", "logloss", "mse")}
-                                    for t, m in val_metrics.items()},
-                            "balancer": self.balancer.state()})
-            run.log(f"epoch {epoch}/{tc.epochs} " + " ".join(f"loss[{k}]={v:.4f}" for k, v in task_loss.items())
-                    + f" | val {tc.early_stopping.metric}={value:.4f} ({time.perf_counter() - t_epoch:.1f}s)")
-            if result is None or (value > result.best_value if higher else value < result.best_value):
-                state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            stats = self.train_epoch(train, gen, desc=f"epoch {epoch}")
+            seconds = time.perf_counter() - t_epoch
+            train_time += seconds
+            val_metrics, val_gates = evaluate_split(self.cfg, self.evaluated, validation, x_val)
+            value, higher = select_metric(val_metrics, metric)
+            record = {"epoch": epoch, **stats.record(tasks), "train_seconds": seconds, "val_metric": value,
+                      "lr": self.optim.param_groups[0]["lr"],
+                      "val": {t: {k: v for k, v in m.items() if k in ("auc", "logloss", "mse")}
+                              for t, m in val_metrics.items()},
+                      "gates": {g: {k: v for k, v in st.items() if k in ("mean", "entropy", "dead", "dominant")}
+                                for g, st in val_gates.items()},
+                      "balancer": self.balancer.state()}
+            history.append(record)
+            run.log(f"epoch {epoch}/{tc.epochs} "
+                    + " ".join(f"loss[{k}]={v:.4f}" for k, v in record["train_loss"].items())
+                    + " w=" + ",".join(f"{v:.2f}" for v in record["weights"].values())
+                    + (f" cos={','.join(f'{v:+.2f}' for v in record['grad_cosine'].values())}"
+                       if record.get("grad_cosine") else "")
+                    + (f" clipped={stats.clipped}" if stats.clipped else "")
+                    + (f" skipped={stats.skipped} (non-finite gradient)" if stats.skipped else "")
+                    + f" | val {metric}={value:.4f} ({time.perf_counter() - t_epoch:.1f}s)")
+            if _improved(value, result.best_value if result else None, higher):
+                state = {k: v.detach().to("cpu", copy=True) for k, v in self.evaluated.state_dict().items()}
                 result = FitResult(value, epoch, state)
                 bad_epochs = 0
             else:
+                if result is None:  # a first epoch with a NaN metric is still the best so far
+                    state = {k: v.detach().to("cpu", copy=True) for k, v in self.evaluated.state_dict().items()}
+                    result = FitResult(value, epoch, state)
                 bad_epochs += 1
                 if bad_epochs > tc.early_stopping.patience:
                     run.log(f"early stop after epoch {epoch} (best epoch {result.best_epoch})")
@@ -248,6 +355,15 @@ class Trainer:
         result.history, result.train_seconds = history, train_time
         self.model.load_state_dict(result.best_state)
         return result
+
+
+def _improved(value: float, best: float | None, higher: bool) -> bool:
+    """A NaN never improves; anything finite improves on nothing or on NaN."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value > best if higher else value < best
 
 
 # ------------------------------------------------------------------------------------------ a run
@@ -285,7 +401,8 @@ def train(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
         **metrics,
         "gates": gates,
         "train": {"arch": cfg.model.arch, "rows": n, "epochs_run": len(fit.history), "best_epoch": fit.best_epoch,
-                  "best_value": fit.best_value, "early_stopping_metric": tc.early_stopping.metric,
+                  "best_value": fit.best_value, "early_stopping_metric": cfg.stopping_metric,
+                  "balancer": tc.balancer.kind,
                   "rows_per_s": n * len(fit.history) / max(fit.train_seconds, 1e-9),
                   "train_seconds": fit.train_seconds, "prepare_seconds": prep_s, "device": str(placement.device),
                   "params": sum(p.numel() for p in trainer.model.parameters())},

@@ -173,6 +173,13 @@ fusion:
 """
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from model.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtrank", description="Multi-task ranking: train, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="plots and a markdown summary of a run's training dynamics")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="directory for the report (default: RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="export a run as a versioned bundle (ONNX + manifest)")
     p.add_argument("run_dir")

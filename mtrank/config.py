@@ -111,13 +111,20 @@ class MultiCategoricalFeature(_FeatureBase):
 
 
 class NumericFeature(_FeatureBase):
-    """A dense value: optional log1p, standardised with train-split statistics, clipped."""
+    """A dense value: optional log1p, standardised with train-split statistics, clipped (``clip: null``: not).
+
+    ``encoding: piecewise_linear`` adds ``bins`` columns (Gorishniy et al., NeurIPS 2022) after the
+    standardised value, with edges at quantiles of the distinct transformed train values (so a value that
+    fills most rows, like the zeros of a capital-gains column, takes one edge, not every bin).
+    """
 
     kind: Literal["numeric"] = "numeric"
     transform: Literal["none", "log1p"] = "none"
     normalize: Literal["standard", "none"] = "standard"
     default: float | None = None  # raw value for missing cells; None = the train mean
-    clip: float = Field(5.0, gt=0)
+    clip: float | None = Field(5.0, gt=0)
+    encoding: Literal["scalar", "piecewise_linear"] = "scalar"
+    bins: int = Field(16, ge=2, le=256)  # piecewise_linear only
 
 
 Feature = Annotated[CategoricalFeature | MultiCategoricalFeature | NumericFeature, Field(discriminator="kind")]
@@ -174,14 +181,70 @@ class ModelConfig(_Strict):
     gate_temperature: float = Field(1.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     batch_norm: bool = False  # batch norm after each hidden layer of experts, bottoms and towers
+    expert_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # training only: drop each expert from a gate's mix
 
 
 # ------------------------------------------------------------------------------------- training
 
 
+STOPPING_KEYS = {"binary": ("auc", "gauc", "logloss", "ece"), "regression": ("mse", "mae")}
+
+
 class EarlyStopping(_Strict):
-    metric: str = "mean_auc"  # "mean_auc", "<task>.auc", "<task>.logloss", "loss"
+    """``metric``: ``auto`` (``mean_auc`` when a task is binary, else ``loss``), ``mean_auc``, ``loss`` (the
+    mean validation loss over tasks: log loss for binary, MSE for regression), or ``<task>.<key>`` with
+    key auc, gauc, logloss or ece for a binary task and mse or mae for a regression task."""
+
+    metric: str = "auto"
     patience: int = Field(2, ge=0)
+
+
+class FixedBalancer(_Strict):
+    kind: Literal["fixed"] = "fixed"
+
+
+class UncertaintyBalancer(_Strict):
+    kind: Literal["uncertainty"] = "uncertainty"
+
+
+class GradNormBalancer(_Strict):
+    kind: Literal["gradnorm"] = "gradnorm"
+    alpha: float = Field(1.5, ge=0.0)  # asymmetry: how strongly tasks that train slower are pulled up
+    lr: float = Field(0.025, gt=0)  # learning rate of the task weights (their own Adam group)
+
+
+class DwaBalancer(_Strict):
+    kind: Literal["dwa"] = "dwa"
+    temperature: float = Field(2.0, gt=0)
+
+
+class PcGradBalancer(_Strict):
+    kind: Literal["pcgrad"] = "pcgrad"
+
+
+class MgdaBalancer(_Strict):
+    kind: Literal["mgda"] = "mgda"
+    upper_bound: bool = False  # MGDA-UB: task gradients on the shared representation, not the shared parameters
+    normalize: Literal["none", "l2", "loss"] = "none"  # task-gradient normalisation before the min-norm solve
+
+
+BalancerConfig = Annotated[FixedBalancer | UncertaintyBalancer | GradNormBalancer | DwaBalancer | PcGradBalancer
+                           | MgdaBalancer, Field(discriminator="kind")]
+
+
+class GateRegularization(_Strict):
+    """Terms added to the training objective, summed over every gate (mean over the batch)."""
+
+    entropy_weight: float = Field(0.0, ge=0.0)
+    entropy_towards: Literal["confident", "spread"] = "confident"  # minimise or maximise each gate's entropy
+    load_balance_weight: float = Field(0.0, ge=0.0)  # Switch/GShard: m * sum_i f_i P_i (1 when balanced)
+
+
+class Instruments(_Strict):
+    """Training-dynamics instruments (metrics.json ``history``): per-task gradients on the shared parameters
+    (norms, pairwise cosines) are taken on ``probes_per_epoch`` evenly spaced batches; 0 turns them off."""
+
+    probes_per_epoch: int = Field(8, ge=0)
 
 
 class TrainConfig(_Strict):
@@ -189,12 +252,22 @@ class TrainConfig(_Strict):
     batch_size: int = Field(2048, gt=0)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: to 0 over ``epochs``
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # evaluate and keep an exponential moving average of the weights
     seed: int = 0
-    balancer: Literal["fixed", "uncertainty"] = "fixed"
+    balancer: BalancerConfig = FixedBalancer()
+    gates: GateRegularization = GateRegularization()
+    grad_clip: float | None = Field(None, gt=0)  # max global gradient norm; clipped and non-finite steps are counted
     early_stopping: EarlyStopping = EarlyStopping()
+    instruments: Instruments = Instruments()
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch default
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     progress: bool = True
+
+    @field_validator("balancer", mode="before")
+    @classmethod
+    def _balancer_shorthand(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
 
 
 class EvalConfig(_Strict):
@@ -240,7 +313,40 @@ class Config(_Strict):
             heads.add(t.chain.head)
         if self.model.arch in ("cgc", "ple") and self.model.n_shared_experts == 0 and len(self.tasks) == 1:
             raise ValueError("model.n_shared_experts: CGC/PLE with one task needs shared experts")
+        if self.model.arch in ("single", "shared_bottom"):
+            g = self.train.gates
+            if g.entropy_weight or g.load_balance_weight or self.model.expert_dropout:
+                raise ValueError(f"train.gates / model.expert_dropout: arch '{self.model.arch}' has no gates")
+        self._check_stopping_metric()
         return self
+
+    def _check_stopping_metric(self) -> None:
+        metric = self.train.early_stopping.metric
+        where = f"train.early_stopping.metric: {metric!r}"
+        if metric in ("auto", "loss"):
+            return
+        if metric == "mean_auc":
+            if not any(t.type == "binary" for t in self.tasks):
+                raise ValueError(f"{where} needs a binary task; every task is regression (use 'loss' or "
+                                 f"'<task>.mse')")
+            return
+        task, _, key = metric.partition(".")
+        t = next((t for t in self.tasks if t.name == task), None)
+        if t is None:
+            raise ValueError(f"{where}: expected auto, mean_auc, loss or <task>.<key> with a task of "
+                             f"{self.task_names}")
+        if key not in STOPPING_KEYS[t.type]:
+            raise ValueError(f"{where}: a {t.type} task's key is one of {list(STOPPING_KEYS[t.type])}")
+        if key == "gauc" and not self.eval.group_column:
+            raise ValueError(f"{where}: gauc needs eval.group_column")
+
+    @property
+    def stopping_metric(self) -> str:
+        """The early-stopping metric with ``auto`` resolved: mean_auc when a task is binary, else loss."""
+        metric = self.train.early_stopping.metric
+        if metric != "auto":
+            return metric
+        return "mean_auc" if any(t.type == "binary" for t in self.tasks) else "loss"
 
     @property
     def task_names(self) -> list[str]:
@@ -272,10 +378,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# Tags of the tagged unions (features, balancer): pydantic puts them in an error's location; the field path does not.
+UNION_TAGS = {"categorical", "numeric", "multi_categorical", "fixed", "uncertainty", "gradnorm", "dwa", "pcgrad", "mgda"}
+
+
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("categorical", "numeric", "multi_categorical")))
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in UNION_TAGS))
         lines.append(f"{loc or '<root>'}: {e['msg']}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

@@ -107,7 +107,8 @@ class FittedFeature:
     mean: float = 0.0
     std: float = 1.0
     default: float = 0.0  # raw units
-    clip: float = 5.0
+    clip: float | None = 5.0  # |standardised value| bound; None: unbounded
+    edges: list[float] = field(default_factory=list)  # piecewise-linear bin edges (transformed units); [] = scalar
 
     @property
     def group(self) -> Group:
@@ -125,6 +126,11 @@ class FittedFeature:
     @property
     def n_slots(self) -> int:
         return {"numeric": 0, "categorical": 1, "multi_categorical": self.max_len}[self.kind]
+
+    @property
+    def width(self) -> int:
+        """Dense columns of a numeric feature: the standardised value, then one per piecewise-linear bin."""
+        return 1 + max(len(self.edges) - 1, 0) if self.kind == "numeric" else 0
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,7 @@ class FittedSchema:
         return sum(f.n_slots for f in self.id_features(group))
 
     def n_dense(self, group: Group) -> int:
-        return len(self.dense_features(group))
+        return sum(f.width for f in self.dense_features(group))
 
     def slot_fields(self, group: Group) -> list[int]:
         """Field index (position among the group's id features) of each id slot."""
@@ -281,13 +287,31 @@ def to_float(values: Sequence[Any] | np.ndarray) -> np.ndarray:
     return out
 
 
-def normalize_numeric(f: FittedFeature, raw: np.ndarray) -> np.ndarray:
-    """float64 raw [n] (NaN = missing) -> float32 normalised [n]."""
+def transform_numeric(f: FittedFeature, raw: np.ndarray) -> np.ndarray:
+    """float64 raw [n] (NaN = missing) -> transformed float64 [n] (default filled in, then the transform)."""
     x = np.where(np.isfinite(raw), raw, f.default)
-    if f.transform == "log1p":
-        x = np.sign(x) * np.log1p(np.abs(x))
-    x = (x - f.mean) / f.std
-    return np.clip(x, -f.clip, f.clip).astype(np.float32)
+    return np.sign(x) * np.log1p(np.abs(x)) if f.transform == "log1p" else x
+
+
+def encode_numeric(f: FittedFeature, raw: np.ndarray) -> np.ndarray:
+    """float64 raw [n] (NaN = missing) -> float32 [n, f.width].
+
+    Column 0 is the standardised value (clipped to +-``clip`` unless it is None). With bin edges
+    b_0 < ... < b_K, columns 1..K are the piecewise-linear encoding (Gorishniy et al., NeurIPS 2022):
+    bin k is 0 below b_{k-1}, 1 above b_k, and (x - b_{k-1}) / (b_k - b_{k-1}) inside.
+    """
+    x = transform_numeric(f, raw)
+    z = (x - f.mean) / f.std
+    if f.clip is not None:
+        z = np.clip(z, -f.clip, f.clip)
+    if len(f.edges) < 2:
+        return z.astype(np.float32)[:, None]
+    e = np.asarray(f.edges, dtype=np.float64)
+    pl = np.clip((x[:, None] - e[:-1]) / (e[1:] - e[:-1]), 0.0, 1.0)  # [n, K]
+    out = np.empty((len(x), f.width), dtype=np.float32)
+    out[:, 0] = z
+    out[:, 1:] = pl
+    return out
 
 
 class FeatureEncoder:
@@ -319,11 +343,13 @@ class FeatureEncoder:
             out[f"{group}_ids"] = ids
         dense_feats = self.schema.dense_features(group)
         if dense_feats:
-            dense = np.empty((n, len(dense_feats)), dtype=np.float32)
-            for j, f in enumerate(dense_feats):
+            dense = np.empty((n, self.schema.n_dense(group)), dtype=np.float32)
+            col = 0
+            for f in dense_feats:
                 vals = columns.get(f.name)
                 raw = np.full(n, np.nan) if vals is None else to_float(vals)
-                dense[:, j] = normalize_numeric(f, raw)
+                dense[:, col : col + f.width] = encode_numeric(f, raw)
+                col += f.width
             out[f"{group}_dense"] = dense
         return out
 

@@ -25,13 +25,19 @@ def _with(path: str, value) -> dict:
 def test_minimal_config_defaults() -> None:
     cfg = parse_config(copy.deepcopy(BASE))
     assert cfg.features[0].kind == "categorical" and cfg.features[0].encoding == "hash"
-    assert cfg.model.arch == "mmoe" and cfg.train.balancer == "fixed"
+    assert cfg.model.arch == "mmoe" and cfg.train.balancer.kind == "fixed"
 
 
 @pytest.mark.parametrize("path,value,needle", [
     ("model.arch", "transformer", "model.arch"),
     ("train.epochs", "0", "train.epochs"),
     ("train.balancer", "magic", "train.balancer"),
+    ("train.balancer", "{kind: gradnorm, alpha: -1}", "train.balancer.alpha"),
+    ("train.balancer", "{kind: dwa, alpha: 1}", "train.balancer.alpha"),
+    ("train.early_stopping.metric", "los", "train.early_stopping.metric"),
+    ("train.early_stopping.metric", "ctr.mse", "train.early_stopping.metric"),
+    ("train.early_stopping.metric", "ctr.gauc", "eval.group_column"),
+    ("train.gates.entropy_towards", "up", "train.gates.entropy_towards"),
     ("features.0.buckets", "-3", "features.0.buckets"),
     ("features.1.side", "server", "features.1.side"),
     ("model.gate_temperature", "0", "model.gate_temperature"),

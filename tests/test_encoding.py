@@ -100,3 +100,31 @@ def test_schema_round_trip() -> None:
     s = _schema()
     assert FittedSchema.from_dict(s.to_dict()) == s
     assert s.input_names() == ["request_ids", "request_dense", "item_ids"]
+
+
+def test_piecewise_linear_numeric_columns() -> None:
+    """Standardised value then one column per bin: 0 below the bin, 1 above, linear inside; no clip when None."""
+    f = FittedFeature(name="x", kind="numeric", side="item", source="x", mean=10.0, std=5.0, default=0.0, clip=None,
+                      edges=[0.0, 10.0, 20.0, 40.0])
+    schema = FittedSchema(features=(f,), table_size=1)
+    assert f.width == 4 and schema.n_dense("item") == 4
+    dense = FeatureEncoder(schema).encode("item", {"x": [-5.0, 5.0, 10.0, 30.0, 1000.0, None]}, 6)["item_dense"]
+    assert dense.shape == (6, 4)
+    np.testing.assert_allclose(dense[:, 0], [-3.0, -1.0, 0.0, 4.0, 198.0, -2.0])  # unclipped; None -> default 0
+    np.testing.assert_allclose(dense[:, 1:], [[0, 0, 0], [0.5, 0, 0], [1, 0, 0], [1, 1, 0.5], [1, 1, 1], [0, 0, 0]])
+
+
+def test_piecewise_linear_edges_follow_distinct_values() -> None:
+    """A value that fills most rows (zeros of a capital-gains column) takes one edge, not every bin."""
+    import pandas as pd
+
+    from model.data import fit_schema
+    from mtrank.config import parse_config
+
+    cfg = parse_config({"data": {"train": ["x.csv"]}, "tasks": [{"name": "y", "label": {"column": "y"}}],
+                        "features": [{"name": "gain", "kind": "numeric", "side": "user", "encoding": "piecewise_linear",
+                                      "bins": 4, "clip": None}]})
+    values = [0.0] * 950 + list(np.linspace(100.0, 10_000.0, 50))
+    f = fit_schema(cfg, pd.DataFrame({"gain": [str(v) for v in values], "y": ["1"] * 1000})).feature("gain")
+    assert len(f.edges) == 5 and f.edges[0] == 0.0 and f.edges[-1] == 10_000.0
+    assert sum(e > 0 for e in f.edges) == 4  # every other edge lies among the non-zero values

@@ -8,7 +8,7 @@ import torch
 from model.balance import make_balancer
 from model.nets import ExtractionLevel, MultiTaskRanker
 from model.train import task_losses
-from mtrank.config import ModelConfig, TaskConfig
+from mtrank.config import ModelConfig, TaskConfig, UncertaintyBalancer
 from mtrank.encoding import FittedFeature, FittedSchema
 
 ARCHS = ["single", "shared_bottom", "mmoe", "cgc", "ple"]
@@ -198,14 +198,14 @@ def test_task_without_labels_in_batch_is_absent() -> None:
 
 
 def test_uncertainty_balancer_learns_weights() -> None:
-    bal = make_balancer("uncertainty", TASKS)
+    bal = make_balancer(UncertaintyBalancer(), TASKS)
     opt = torch.optim.SGD(bal.parameters(), lr=0.5)
     losses = torch.tensor([0.1, 1.0, 4.0])
     for _ in range(200):
         opt.zero_grad()
-        bal.combine(losses, torch.ones(3)).backward()
+        bal.combine(losses, torch.ones(3))[0].backward()
         opt.step()
-    w = bal.state()["weights"]
+    w = bal.combine(losses, torch.ones(3))[1].tolist()
     # The optimum of exp(-s) L + s/2 weights a task by 1 / (2 L): noisier tasks get less weight.
     assert w[0] > w[1] > w[2]
     assert w[0] == pytest.approx(1 / (2 * 0.1), rel=0.05)

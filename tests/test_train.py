@@ -86,11 +86,11 @@ def test_feature_parity_training_vs_json_requests(demo_data: Path) -> None:
     """Rows encoded by the trainer (from the file) equal the same rows sent as JSON and encoded the service's way."""
     import pandas as pd
 
-    from model.data import encode_split, fit_schema, read_files
+    from model.data import encode_split, fit_schema, needed_columns, read_files
     from mtrank.encoding import FeatureEncoder
 
     cfg = demo_config(demo_data)
-    df = read_files(cfg.data, cfg.data.train, [f.source for f in cfg.features] + [t.label.column for t in cfg.tasks])
+    df = read_files(cfg.data, cfg.data.train, needed_columns(cfg))
     schema = fit_schema(cfg, df)
     trained = encode_split(cfg, schema, df.head(300)).inputs
     raw = pd.read_parquet(demo_data).head(300)
@@ -114,3 +114,103 @@ def test_demo_command_trains_and_exports(tmp_path: Path) -> None:
     version = read_current(tmp_path / "bundles")
     manifest, _ = verify_bundle(tmp_path / "bundles" / version)
     assert manifest.arch == "mmoe" and manifest.task("cvr").derived
+
+
+# ------------------------------------------------------------------------- early stopping, defects
+
+
+def test_regression_only_tasks_stop_on_validation_loss(tmp_path: Path, demo_data: Path) -> None:
+    """With only regression tasks, mean_auc cannot be computed: the default follows the tasks (mean validation
+    loss), and the kept epoch is the one with the lowest validation MSE, not epoch 1 by default."""
+    from model.train import train
+    from mtrank.config import ConfigError
+
+    only_regression = ["tasks=[{name: watch_time, type: regression, label: {column: watch_time}}, "
+                       "{name: activity, type: regression, label: {column: user_activity}}]"]
+    m = train(demo_config(demo_data, [*only_regression, "train.epochs=4", "train.lr=0.01",
+                                      "train.early_stopping.patience=4"]), tmp_path / "run")
+    assert m["train"]["early_stopping_metric"] == "loss"
+    values = [h["val_metric"] for h in m["history"]]
+    assert all(np.isfinite(values))
+    assert m["train"]["best_epoch"] == int(np.argmin(values)) + 1 and m["train"]["best_value"] == min(values)
+    with pytest.raises(ConfigError, match=r"train.early_stopping.metric: 'mean_auc' needs a binary task"):
+        demo_config(demo_data, [*only_regression, "train.early_stopping.metric=mean_auc"])
+
+
+def test_early_stopping_on_loss_metric(tmp_path: Path, demo_data: Path) -> None:
+    """``metric: loss`` (documented) trains and keeps the epoch of the lowest mean validation loss."""
+    from model.train import train
+
+    m = train(demo_config(demo_data, ["train.epochs=2", "train.early_stopping.metric=loss"]), tmp_path / "run")
+    losses = [np.mean([v.get("logloss", v.get("mse")) for v in h["val"].values()]) for h in m["history"]]
+    assert [h["val_metric"] for h in m["history"]] == pytest.approx(losses)
+    assert m["train"]["best_value"] == pytest.approx(min(losses))
+
+
+def test_missing_column_is_a_config_error_naming_the_field(tmp_path: Path, demo_data: Path, capsys) -> None:
+    import yaml
+
+    from mtrank.cli import main
+
+    cfg = demo_config(demo_data).model_dump(mode="json")
+    cfg["tasks"][1]["label"]["column"] = "liked"
+    cfg["features"][2]["column"] = "country"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"features.2.column: column 'country' not in {demo_data.name}" in err
+    assert f"tasks.1.label.column: column 'liked' not in {demo_data.name}" in err
+    assert "Traceback" not in err
+
+
+def test_census_headerless_missing_column_names_the_field(tmp_path: Path) -> None:
+    """A headerless CSV: the columns come from ``data.columns``; a label column outside them is named."""
+    from model.data import load_frames
+    from mtrank.config import ConfigError, parse_config
+
+    (tmp_path / "d.csv").write_text("1,a,0\n2,b,1\n3,a,0\n4,b,1\n")
+    cfg = parse_config({"data": {"train": ["d.csv"], "header": False, "columns": ["x", "c", "y"]},
+                        "features": [{"name": "c", "side": "user"}],
+                        "tasks": [{"name": "t", "label": {"column": "income"}}]}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"tasks.0.label.column: column 'income' not in d.csv"):
+        load_frames(cfg)
+
+
+@pytest.mark.parametrize("balancer", ["gradnorm", "dwa", "pcgrad", "mgda", "{kind: mgda, upper_bound: true}"])
+def test_every_balancer_trains_and_records_instruments(tmp_path: Path, demo_data: Path, balancer: str) -> None:
+    from model.train import train
+
+    m = train(demo_config(demo_data, ["train.epochs=2", f"train.balancer={balancer}", "model.arch=ple",
+                                      "model.levels=2", "train.gates.load_balance_weight=0.01"]), tmp_path)
+    tasks = ["ctr", "like", "ctcvr", "watch_time"]
+    for h in m["history"]:
+        assert set(h["weights"]) == set(h["grad_norm"]) == set(tasks)
+        assert all(np.isfinite(list(h["weights"].values())))
+        assert len(h["grad_cosine"]) == 6 and all(-1.0 <= c <= 1.0 for c in h["grad_cosine"].values())
+        assert h["probes"] == 8
+        assert set(h["gates"]) == {"gate_l0_ctr", "gate_l0_like", "gate_l0_ctcvr", "gate_l0_watch_time",
+                                   "gate_l0_shared", "gate_l1_ctr", "gate_l1_like", "gate_l1_ctcvr",
+                                   "gate_l1_watch_time"}
+    first, last = m["history"][0]["train_loss"], m["history"][-1]["train_loss"]
+    assert last["ctr"] < first["ctr"] and last["like"] < first["like"]
+    if "mgda" in balancer or balancer in ("dwa", "gradnorm"):
+        assert sum(m["history"][-1]["weights"].values()) == pytest.approx(4.0, rel=1e-3)
+
+
+def test_report_writes_plots_and_summary(tmp_path: Path, tiny_run: Path, capsys) -> None:
+    from mtrank.cli import main
+
+    assert main(["report", str(tiny_run), "--out", str(tmp_path / "rep")]) == 0
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    for name in ("curves.png", "conflict.png", "gates_l0.png", "reliability.png"):
+        data = (tmp_path / "rep" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"best epoch **{m['train']['best_epoch']}**" in md
+    for section in ("## Metrics", "## Gradient conflict", "## Gates", "## Calibration", "## Instruments"):
+        assert section in md
+    assert f"| test | ctr | {m['test']['ctr']['auc']:.4f} |" in md
+    assert "ctr vs like" in md and "gate_l0_watch_time" in md
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no metrics.json" in capsys.readouterr().err

@@ -591,13 +591,13 @@ def test_scores_match_trainer_encoding_end_to_end(served, client: httpx.Client, 
     """Raw rows sent as JSON score exactly like the trainer's encoding of the same rows run through the bundle."""
     import pandas as pd
 
-    from model.data import encode_split, read_files
+    from model.data import encode_split, needed_columns, read_files
     from model.train import load_run
     from mtrank.bundle import onnx_runner
 
     srv, manifest = served
     cfg, schema, _ = load_run(tiny_run)
-    df = read_files(cfg.data, cfg.data.train, [f.source for f in cfg.features] + [t.label.column for t in cfg.tasks])
+    df = read_files(cfg.data, cfg.data.train, needed_columns(cfg))
     rows = df.head(6)
     expected = onnx_runner(srv.services.registry.current.bundle_dir / "model.onnx")(encode_split(cfg, schema, rows).inputs)
     records = json.loads(pd.read_parquet(demo_data).head(6).to_json(orient="records"))

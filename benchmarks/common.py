@@ -1,0 +1,35 @@
+"""What every benchmark script shares: progress lines, the docs section writer, mean and sample std."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+DOC_TITLE = "# Benchmarks"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def write_docs(path: Path, section: str, start: str, end: str) -> None:
+    """Replace only the text between the markers ``start`` / ``end`` (re-read right before writing; the
+    section includes them); append the section at the end when they are missing."""
+    text = path.read_text() if path.exists() else f"{DOC_TITLE}\n"
+    i, j = text.find(start), text.find(end)
+    if 0 <= i < j:
+        text = text[:i] + section + text[j + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return float(statistics.fmean(xs)), (float(statistics.stdev(xs)) if len(xs) > 1 else 0.0)
