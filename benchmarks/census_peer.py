@@ -342,9 +342,9 @@ def render(summary: dict[str, Any], meta: dict[str, Any], tasks: list[str]) -> s
              f"**Data:** train on `census-income.data` ({meta['rows']['train']:,} rows); `census-income.test` "
              f"split 1:1 (seeded) into validation ({meta['rows']['validation']:,}) and test "
              f"({meta['rows']['test']:,}) by `model.data.load_frames`. torch-rechub is fed exactly our encoded "
-             "features (same vocabularies, OOV/missing ids, log1p + standardised numerics): one "
+             "features (same vocabularies, OOV/missing ids, the config's numeric encodings): one "
              f"`SparseFeature(vocab_size=feature.size, embed_dim={meta['model']['embedding_dim']})` per categorical "
-             f"field ({meta['n_sparse']}) and one `DenseFeature` per numeric feature ({meta['n_dense']}).",
+             f"field ({meta['n_sparse']}) and one `DenseFeature` per dense column ({meta['n_dense']}).",
              "",
              f"**Model sizes (both):** experts / bottom {meta['model']['expert_hidden']}, towers "
              f"{meta['model']['tower_hidden']}, MMoE {meta['model']['n_experts']} experts, CGC/PLE "
@@ -422,10 +422,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     base = load_config(EXAMPLES / "base.yaml")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=base.train.epochs, help="epochs for both (default: config, %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=base.train.batch_size)
-    ap.add_argument("--lr", type=float, default=base.train.lr)
-    ap.add_argument("--weight-decay", type=float, default=base.train.weight_decay)
+    ap.add_argument("--epochs", type=int, default=5, help="epochs for both, all run (default %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=base.train.batch_size, help="default: the config's")
+    ap.add_argument("--lr", type=float, default=base.train.lr, help="default: the config's")
+    ap.add_argument("--weight-decay", type=float, default=base.train.weight_decay, help="default: the config's")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated (default %(default)s)")
     ap.add_argument("--archs", default=",".join(ALL_ARCHS), help="comma-separated subset of " + ",".join(ALL_ARCHS))
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both (default %(default)s)")
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": "/".join(f"{x:.1f}" for x in os.getloadavg()),
         "openblas_coretype_set": bool(os.environ.get("OPENBLAS_CORETYPE")),
         "rows": {k: len(v) for k, v in data.splits.items()},
-        "n_sparse": len(data.id_feats), "n_dense": len(data.dense_feats),
+        "n_sparse": len(data.id_feats), "n_dense": data.schema.n_dense("request"),
         "model": base.model.model_dump(mode="json"),
         "max_ours_sklearn_diff": max_diff,
         "torch_rechub_path": str(Path(torch_rechub.__file__).parent),

@@ -85,12 +85,11 @@ def run_peer(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     silence_rechub_tqdm()
-    raw = load_config(EXAMPLES / "base.yaml")
-    overrides = []
-    for i, f in enumerate(raw.features):
-        if f.kind == "numeric":
-            overrides += [f"features.{i}.transform=none", f"features.{i}.clip=null", f"features.{i}.encoding=scalar"]
-    data = PeerData(load_config(EXAMPLES / "base.yaml", overrides))
+    ours = load_config(EXAMPLES / "base.yaml")
+    numeric = {f.source for f in ours.features if f.kind == "numeric"}
+    features = [f.model_copy(update={"transform": "none", "clip": None, "encoding": "scalar"}) if f.kind == "numeric"
+                else f for f in ours.features if f.kind == "numeric" or f.source not in numeric]  # no categorical views
+    data = PeerData(ours.model_copy(update={"features": features}))
     args = _argparse.Namespace(threads=1, epochs=job["max_epochs"], batch_size=1024, lr=1e-3, weight_decay=1e-4,
                                peer_max_epochs=job["max_epochs"])
     r = run_rechub(args, job["arch"], job["seed"], data, PeerSettings.own_recipe(args))

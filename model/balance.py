@@ -256,7 +256,7 @@ class DynamicWeightAverage(Balancer):
 class PCGrad(Balancer):
     """Gradient surgery on the shared parameters; task-specific parameters keep sum_t of their own."""
 
-    def __init__(self, tasks: list[TaskConfig], cfg: PcGradBalancer, seed: int = 0):
+    def __init__(self, tasks: list[TaskConfig], seed: int = 0):
         super().__init__(tasks)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -313,7 +313,7 @@ def make_balancer(cfg: BalancerConfig, tasks: list[TaskConfig], seed: int = 0) -
     if isinstance(cfg, DwaBalancer):
         return DynamicWeightAverage(tasks, cfg)
     if isinstance(cfg, PcGradBalancer):
-        return PCGrad(tasks, cfg, seed)
+        return PCGrad(tasks, seed)
     if isinstance(cfg, MgdaBalancer):
         return MGDA(tasks, cfg)
     return FixedWeights(tasks)

@@ -189,6 +189,7 @@ class EpochStats:
     steps: int = 0
     probes: int = 0
     grad_norm_sum: torch.Tensor = field(init=False)
+    grad_norm_count: torch.Tensor = field(init=False)
     cosine_sum: torch.Tensor = field(init=False)
     pair_count: torch.Tensor = field(init=False)
     clipped: int = 0
@@ -197,7 +198,8 @@ class EpochStats:
 
     def __post_init__(self) -> None:
         z = lambda *shape: torch.zeros(*shape, device=self.device)  # noqa: E731
-        self.loss_sum, self.loss_count, self.weight_sum, self.grad_norm_sum = z(self.T), z(self.T), z(self.T), z(self.T)
+        self.loss_sum, self.loss_count, self.weight_sum = z(self.T), z(self.T), z(self.T)
+        self.grad_norm_sum, self.grad_norm_count = z(self.T), z(self.T)
         self.cosine_sum, self.pair_count = z(self.T, self.T), z(self.T, self.T)
 
     def probe(self, grads: torch.Tensor, present: torch.Tensor) -> None:
@@ -205,7 +207,8 @@ class EpochStats:
         norms = grads.norm(dim=1)  # [T]
         unit = grads / norms.clamp_min(1e-12).unsqueeze(1)
         both = present.unsqueeze(0) * present.unsqueeze(1) * (norms > 0).float().unsqueeze(0) * (norms > 0).float().unsqueeze(1)
-        self.grad_norm_sum += norms
+        self.grad_norm_sum += norms * present
+        self.grad_norm_count += present
         self.cosine_sum += (unit @ unit.T) * both
         self.pair_count += both
         self.probes += 1
@@ -219,7 +222,8 @@ class EpochStats:
         }
         if self.probes:
             cos = (self.cosine_sum / self.pair_count.clamp_min(1)).tolist()
-            out["grad_norm"] = dict(zip(tasks, (self.grad_norm_sum / self.probes).tolist()))
+            norm = torch.where(self.grad_norm_count > 0, self.grad_norm_sum / self.grad_norm_count.clamp_min(1), math.nan)
+            out["grad_norm"] = dict(zip(tasks, norm.tolist()))
             out["grad_cosine"] = {f"{a}|{b}": (cos[i][j] if self.pair_count[i, j] > 0 else math.nan)
                                   for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j}
             out["probes"], out["probe_seconds"] = self.probes, self.probe_seconds

@@ -206,6 +206,7 @@ def test_task_without_labels_in_batch_keeps_weights_finite(name: str) -> None:
     record = stats.record(["ctr", "like", "watch"])
     assert all(math.isfinite(v) for v in record["weights"].values()) and _finite(trainer)
     assert record["train_loss"]["like"] == 0.0 and math.isnan(record["grad_cosine"]["ctr|like"])
+    assert math.isnan(record["grad_norm"]["like"]) and record["grad_norm"]["ctr"] > 0
     # the unlabelled task's tower member got no gradient: Adam leaves it where it was
     after = trainer.model.towers.state_dict()
     torch.testing.assert_close(after["weights.1"][1], before["weights.1"][1])
