@@ -41,7 +41,7 @@ ARCHS = {  # similar parameter counts (about 13-14 k), as in the paper: 8 expert
 }
 
 
-def config(data: Path, arch: str, seed: int, epochs: int, dim: int) -> dict[str, Any]:
+def config(data: Path, arch: str, seed: int, epochs: int, dim: int, lr: float) -> dict[str, Any]:
     return {
         "data": {"train": [str(data)], "split": {"source": "train", "validation_fraction": 0.2, "test_fraction": 0.2,
                                                  "seed": seed}},
@@ -49,8 +49,8 @@ def config(data: Path, arch: str, seed: int, epochs: int, dim: int) -> dict[str,
         "tasks": [{"name": "t1", "type": "regression", "label": {"column": "y1"}},
                   {"name": "t2", "type": "regression", "label": {"column": "y2"}}],
         "model": {"embedding_dim": 4, **ARCHS[arch]},
-        "train": {"epochs": epochs, "batch_size": 256, "lr": 0.001, "seed": seed, "threads": 1, "progress": False,
-                  "early_stopping": {"metric": "loss", "patience": 4}, "instruments": {"probes_per_epoch": 0}},
+        "train": {"epochs": epochs, "batch_size": 256, "lr": lr, "seed": seed, "threads": 1, "progress": False,
+                  "early_stopping": {"metric": "loss", "patience": 8}, "instruments": {"probes_per_epoch": 0}},
     }
 
 
@@ -62,7 +62,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="task-corr-") as tmp:
         data = Path(tmp) / "data.parquet"
         correlated_regression(job["rows"], job["correlation"], seed=job["seed"], dim=job["dim"]).to_parquet(data)
-        cfg = parse_config(config(data, job["arch"], job["seed"], job["epochs"], job["dim"]), base_dir=tmp)
+        cfg = parse_config(config(data, job["arch"], job["seed"], job["epochs"], job["dim"], job["lr"]), base_dir=tmp)
         t0 = time.perf_counter()
         m = train(cfg, Path(tmp) / "run")
     return {**job, "test_mse": {t: m["test"][t]["mse"] for t in ("t1", "t2")},
@@ -105,8 +105,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, minutes: flo
              "Gaussian inputs, two regression tasks whose weight vectors have cosine p, shared sinusoidal "
              "non-linearity; Ma et al., KDD 2018, Section 4.1), split 60/20/20. Models of similar size: "
              f"Shared-Bottom one bottom of {ARCHS['shared_bottom']['expert_hidden']} + towers [8]; MMoE 8 experts of "
-             "[16] + towers [8]. Adam lr 0.001, batch 256, up to "
-             f"{args.epochs} epochs, early stopping on the mean validation loss (patience 4). Seeds "
+             f"[16] + towers [8]. Adam lr {args.lr}, batch 256, up to "
+             f"{args.epochs} epochs, early stopping on the mean validation loss (patience 8). Seeds "
              f"{', '.join(map(str, args.seeds))}; test MSE mean ± std over seeds.", "",
              "| p | label corr. | Shared-Bottom t1 | Shared-Bottom t2 | MMoE t1 | MMoE t2 | SB − MMoE (mean of tasks) |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rows", type=int, default=50_000)
     ap.add_argument("--dim", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=0.003)
     ap.add_argument("--correlations", type=float, nargs="+", default=[1.0, 0.9, 0.7, 0.5, 0.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="training processes in parallel (one thread each)")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         d = correlated_regression(20_000, c, seed=0, dim=args.dim)
         label_corr[c] = float(np.corrcoef(d["y1"], d["y2"])[0, 1])
     jobs = [{"arch": a, "correlation": c, "seed": s, "rows": args.rows, "epochs": args.epochs, "dim": args.dim,
-             "label_correlation": label_corr[c]} for s in args.seeds for c in args.correlations for a in ARCHS]
+             "lr": args.lr, "label_correlation": label_corr[c]} for s in args.seeds for c in args.correlations for a in ARCHS]
     t0 = time.perf_counter()
     results = []
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
