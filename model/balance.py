@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model import distributed
 from model.nets import ParameterGroups
 from mtrank.config import (
     BalancerConfig,
@@ -52,10 +53,13 @@ class StepContext:
     extra: torch.Tensor | None = None
 
 
-def task_gradients(losses: torch.Tensor, present: torch.Tensor, wrt: list[torch.Tensor]) -> torch.Tensor:
+def task_gradients(losses: torch.Tensor, present: torch.Tensor, wrt: list[torch.Tensor], reduce: bool = True
+                   ) -> torch.Tensor:
     """Flattened gradient of each present task's loss w.r.t. ``wrt`` -> [T, P] (zero rows for absent tasks).
 
-    The graph is kept, so the caller can still backpropagate the combined objective.
+    The graph is kept, so the caller can still backpropagate the combined objective. Across processes the
+    result is averaged over ranks (``reduce``; parameters are the same on every rank, so this is the
+    gradient of the global batch); pass ``reduce=False`` for per-row tensors such as the representation.
     """
     numel = sum(p.numel() for p in wrt)
     out = losses.new_zeros(len(losses), numel)
@@ -64,7 +68,8 @@ def task_gradients(losses: torch.Tensor, present: torch.Tensor, wrt: list[torch.
             continue
         grads = torch.autograd.grad(losses[t], wrt, retain_graph=True, allow_unused=True)
         out[t] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, wrt)])
-    return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    return distributed.all_reduce_(out, mean=True) if reduce else out
 
 
 def min_norm_weights(gram: torch.Tensor, active: torch.Tensor, iterations: int = 250, tol: float = 1e-10
@@ -202,12 +207,13 @@ class GradNorm(Balancer):
     def backward(self, losses: torch.Tensor, present: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         weighted = self.task_weights * losses
         on = present.bool()
+        value = distributed.all_reduce_(weighted.detach().clone(), mean=True)  # the global batch's losses
         with torch.no_grad():  # L_t(0): the first loss seen for each task
             first = on & torch.isnan(self.initial)
-            self.initial[first] = weighted.detach()[first]
+            self.initial[first] = value[first]
         if on.sum() >= 2:
             g = task_gradients(weighted, present, [ctx.groups.layer]).norm(dim=1)  # [T] ||grad_W L_t||
-            ratio = (weighted.detach() / self.initial.clamp_min(1e-8)).clamp(0.0, 1e4)
+            ratio = (value / self.initial.clamp_min(1e-8)).clamp(0.0, 1e4)
             rel = ratio / ratio[on].mean().clamp_min(1e-8)  # relative inverse training rate
             G = self.w * g  # [T], differentiable in w only
             target = (G[on].mean() * rel.clamp(max=1e2) ** self.alpha).detach()
@@ -281,13 +287,19 @@ class MGDA(Balancer):
 
     def backward(self, losses: torch.Tensor, present: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         weighted = self.task_weights * losses
-        wrt = [ctx.representation] if self.upper_bound else ctx.groups.shared
-        grads = task_gradients(weighted, present, wrt)  # [T, P]
+        if self.upper_bound:  # per-row gradients: the global Gram matrix is the sum of the ranks' Gram matrices
+            grads = task_gradients(weighted, present, [ctx.representation], reduce=False).double()  # [T, B * ...]
+            gram = distributed.all_reduce_(grads @ grads.T)
+        else:
+            grads = task_gradients(weighted, present, ctx.groups.shared).double()  # [T, P]
+            gram = grads @ grads.T  # float64: the min-norm point of nearly parallel gradients is sensitive
+        scale = torch.ones_like(gram[0])  # gram of normalised gradients: D G G^T D with D = diag(scale)
         if self.normalize == "l2":
-            grads = grads / grads.norm(dim=1, keepdim=True).clamp_min(EPS)
+            scale = 1.0 / gram.diagonal().clamp_min(EPS).sqrt()
         elif self.normalize == "loss":
-            grads = grads / weighted.detach().clamp_min(1e-8).unsqueeze(1)
-        alpha = min_norm_weights(grads @ grads.T, present.bool()) * present.sum()
+            scale = 1.0 / distributed.all_reduce_(weighted.detach().double(), mean=True).clamp_min(1e-8)
+        gram = gram * scale.unsqueeze(0) * scale.unsqueeze(1)
+        alpha = min_norm_weights(gram, present.bool()).to(weighted.dtype) * present.sum()
         with torch.no_grad():
             self.last.copy_(alpha)
         _backward((alpha.detach() * weighted * present).sum(), ctx.extra)

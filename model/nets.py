@@ -51,7 +51,6 @@ class ExtractionLevel(nn.Module):
                  shared_gate: bool, shared_only_names: bool = False):
         super().__init__()
         self.level, self.tasks, self.T = level, tasks, len(tasks)
-        self.n_task, self.n_shared = n_task, n_shared
         n_total = self.T * n_task + n_shared
         mlp = dict(in_dim=in_dim, hidden=cfg.expert_hidden, dropout=cfg.dropout, batch_norm=cfg.batch_norm)
         self.task_experts = BatchedMLP(self.T * n_task, **mlp) if n_task else None

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from model import distributed
 from model.balance import StepContext, make_balancer, task_gradients
 from model.data import Split, encode_split, fit_schema, load_frames
 from model.evaluate import evaluate_split, to_tensors
@@ -47,10 +48,11 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def task_losses(out: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor, mask: torch.Tensor,
-                tasks: list[TaskConfig]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked mean loss per task -> (losses [T], present [T]). Missing labels contribute no gradient."""
-    losses, present = [], []
+def task_loss_sums(out: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor, mask: torch.Tensor,
+                   tasks: list[TaskConfig]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per task: the summed loss over labelled rows and their count -> (sums [T], counts [T]).
+    Missing labels contribute no gradient."""
+    sums, counts = [], []
     for k, t in enumerate(tasks):
         y, m = labels[:, k], mask[:, k]
         if t.type == "regression":
@@ -59,11 +61,16 @@ def task_losses(out: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor, m
             per_row = F.binary_cross_entropy_with_logits(out["logits"][t.name], y, reduction="none")
         else:  # entire-space product: the head learns only through p(parent) * p(head)
             per_row = F.binary_cross_entropy(out["scores"][t.name].clamp(1e-7, 1 - 1e-7), y, reduction="none")
-        per_row = torch.where(m, per_row, torch.zeros_like(per_row))
-        n = m.sum()
-        losses.append(per_row.sum() / n.clamp_min(1))
-        present.append(n > 0)
-    return torch.stack(losses), torch.stack(present).float()
+        sums.append(torch.where(m, per_row, torch.zeros_like(per_row)).sum())
+        counts.append(m.sum())
+    return torch.stack(sums), torch.stack(counts).to(sums[0].dtype)
+
+
+def task_losses(out: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor, mask: torch.Tensor,
+                tasks: list[TaskConfig]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked mean loss per task -> (losses [T], present [T])."""
+    sums, counts = task_loss_sums(out, labels, mask, tasks)
+    return sums / counts.clamp_min(1), (counts > 0).float()
 
 
 def select_metric(metrics: dict[str, Any], name: str) -> tuple[float, bool]:
@@ -102,14 +109,15 @@ class Placement:
 
     @classmethod
     def resolve(cls, device: str) -> Placement:
-        """``auto`` is CUDA when available, else CPU; ``cuda`` without a GPU is a config error."""
+        """``auto`` is CUDA when available, else CPU; ``cuda`` without a GPU is a config error. Under torchrun
+        (``WORLD_SIZE`` > 1) this process joins the group: gloo on CPU, nccl with one GPU per local rank."""
         if device == "cuda" and not torch.cuda.is_available():
             from mtrank.config import ConfigError
 
             raise ConfigError("train.device: 'cuda' requested but torch.cuda.is_available() is false")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(torch.device(device))
+        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        dev, rank, world = distributed.init(use_cuda)
+        return cls(dev, rank, world)
 
 
 class RunDir:
@@ -238,6 +246,14 @@ class Trainer:
         tc = cfg.train
         self.model = model.to(placement.device)
         self.groups = self.model.parameter_groups()
+        # Several processes: DistributedDataParallel averages the model's gradients over ranks in backward (and
+        # broadcast rank 0's initial weights); the balancer's own parameters are averaged in ``step``.
+        self.forward: torch.nn.Module = self.model
+        if placement.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [placement.device.index] if placement.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)
         self.balancer = make_balancer(tc.balancer, cfg.tasks, seed=tc.seed).to(placement.device)
         balancer_lr = tc.balancer.lr if isinstance(tc.balancer, GradNormBalancer) else tc.lr
         groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
@@ -256,10 +272,19 @@ class Trainer:
 
     def step(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor, stats: EpochStats,
              probe: bool = False) -> None:
-        """Forward, per-task masked losses (+ gate terms), balanced backward, clip, optimiser step."""
+        """Forward, per-task masked losses (+ gate terms), balanced backward, clip, optimiser step.
+
+        With W processes each holds its share of the global batch; a task's loss is its local sum over the
+        global count of labelled rows (one all-reduce of T counts), times W, so DDP's gradient average is the
+        gradient of the global masked mean.
+        """
         tc = self.cfg.train
-        out = self.model(inputs)
-        losses, present = task_losses(out, labels, mask, self.cfg.tasks)
+        out = self.forward(inputs)
+        sums, counts = task_loss_sums(out, labels, mask, self.cfg.tasks)
+        world = self.placement.world_size
+        if world > 1:
+            counts = distributed.all_reduce_(counts.detach().clone())
+        losses, present = sums * world / counts.clamp_min(1), (counts > 0).float()
         self.optim.zero_grad(set_to_none=True)
         if probe:
             t0 = time.perf_counter()
@@ -267,6 +292,10 @@ class Trainer:
             stats.probe_seconds += time.perf_counter() - t0
         ctx = StepContext(self.groups, out["representation"], gate_regularization(out["gates"], tc.gates))
         weights = self.balancer.backward(losses, present, ctx)
+        if world > 1:
+            for p in self.balancer.parameters():
+                if p.grad is not None:
+                    distributed.all_reduce_(p.grad, mean=True)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf)
         if not torch.isfinite(norm):  # an exploding or NaN gradient: skip the update, count it
             stats.skipped += 1
@@ -278,7 +307,7 @@ class Trainer:
                 self.ema.update_parameters(self.model)
         if self.scheduler is not None:
             self.scheduler.step()
-        losses = losses.detach()
+        losses = losses.detach() / world  # summed over ranks at the end of the epoch: the global mean
         ok = present * torch.isfinite(losses)
         stats.loss_sum += torch.nan_to_num(losses) * ok
         stats.loss_count += ok
@@ -286,8 +315,10 @@ class Trainer:
         stats.steps += 1
 
     def train_epoch(self, data: TrainData, gen: torch.Generator, desc: str = "") -> EpochStats:
-        """One pass over ``data`` in a seeded random order."""
+        """One pass over ``data`` in a seeded random order. Every rank draws the same order and trains on every
+        W-th row of each global batch: no row twice in an epoch, a different shuffle per rank and epoch."""
         tc, T = self.cfg.train, len(self.cfg.tasks)
+        rank, world = self.placement.rank, self.placement.world_size
         self.model.train()
         perm = torch.randperm(len(data), generator=gen).to(self.placement.device)
         stats = EpochStats(T, self.placement.device)
@@ -301,10 +332,12 @@ class Trainer:
             batches = tqdm(batches, desc=desc, leave=False, unit="batch")
         for i in batches:
             idx = perm[i : i + tc.batch_size]
-            if len(idx) < 2:  # batch norm cannot train on a single row
+            if len(idx) < 2 * world:  # batch norm cannot train on a single row; every rank must step
                 continue
+            idx = idx[rank::world]
             self.step({k: v[idx] for k, v in data.inputs.items()}, data.labels[idx], data.mask[idx], stats,
                       probe=i in probes)
+        distributed.all_reduce_(stats.loss_sum)
         self.balancer.end_epoch(stats.loss_sum / stats.loss_count.clamp_min(1))
         return stats
 
@@ -342,6 +375,9 @@ class Trainer:
                        if record.get("grad_cosine") else "")
                     + (f" clipped={stats.clipped}" if stats.clipped else "")
                     + (f" skipped={stats.skipped} (non-finite gradient)" if stats.skipped else "")
+                    + "".join(f" {g}:" + (f" dead={','.join(st['dead'])}" if st["dead"] else "")
+                              + (f" dominant={','.join(st['dominant'])}" if st["dominant"] else "")
+                              for g, st in record["gates"].items() if st["dead"] or st["dominant"])
                     + f" | val {metric}={value:.4f} ({time.perf_counter() - t_epoch:.1f}s)")
             if _improved(value, result.best_value if result else None, higher):
                 state = {k: v.detach().to("cpu", copy=True) for k, v in self.evaluated.state_dict().items()}
@@ -374,7 +410,12 @@ def _improved(value: float, best: float | None, higher: bool) -> bool:
 
 
 def train(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
-    """Train, evaluate on validation and test, write the run directory; returns metrics.json."""
+    """Train, evaluate on validation and test, write the run directory; returns metrics.json.
+
+    Under torchrun every rank reads and encodes the data, trains on its share of each batch, validates on the
+    whole validation split (so all ranks take the same early-stopping decision) and returns the same metrics;
+    only rank 0 writes the run directory.
+    """
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -409,11 +450,13 @@ def train(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
                   "balancer": tc.balancer.kind,
                   "rows_per_s": n * len(fit.history) / max(fit.train_seconds, 1e-9),
                   "train_seconds": fit.train_seconds, "prepare_seconds": prep_s, "device": str(placement.device),
+                  "world_size": placement.world_size,
                   "params": sum(p.numel() for p in trainer.model.parameters())},
         "history": fit.history,
     }
     run.write_text("metrics.json", json.dumps(result, indent=1, allow_nan=True))
     run.close()
+    distributed.shutdown()
     return result
 
 

@@ -23,16 +23,32 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from model.evaluate import format_table
-    from model.train import train
     from mtrank.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # validated before any process starts
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc, ["train", args.config, "--out", args.out,
+                                      *(a for o in args.overrides for a in ("--set", o))])
+    from model.evaluate import format_table
+    from model.train import train
+
     metrics = train(cfg, args.out)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(format_table(metrics))
     t = metrics["train"]
     print(f"\nrun: {args.out}  best epoch {t['best_epoch']}  {t['rows_per_s']:.0f} rows/s  params {t['params']}")
     return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """``torchrun --standalone --nproc-per-node N -m mtrank ARGV``: N training processes on this machine; a rank
+    that fails stops the others, and the exit status is non-zero."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "mtrank", *argv]
+    return subprocess.call(cmd)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -187,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a multi-task model from a YAML config")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--nproc", type=int, default=1, help="training processes on this machine (torchrun, DDP; "
+                                                         "gloo on CPU, nccl on GPUs); default 1")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="re-evaluate a run on its validation and test splits")
