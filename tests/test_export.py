@@ -20,7 +20,9 @@ from mtrank.bundle import (
 from mtrank.metrics import ece
 from tests.conftest import demo_config
 
-ARCHS = ["single", "shared_bottom", "mmoe", "cgc", "ple", "ple+bn"]
+ARCHS = ["single", "shared_bottom", "mmoe", "cgc", "ple", "ple+bn", "mmoe+pl"]
+# +pl: the numeric features unclipped with piecewise-linear columns (several dense columns per feature)
+PIECEWISE = [f"features.{i}.{k}" for i in (3, 8, 10) for k in ("encoding=piecewise_linear", "clip=null")]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -30,7 +32,8 @@ def arch_bundle(request, tmp_path_factory, demo_data: Path) -> tuple[Path, Path]
 
     arch, _, variant = request.param.partition("+")
     run = tmp_path_factory.mktemp(f"run_{arch}")
-    overrides = [f"model.arch={arch}", "model.levels=2", "train.epochs=1", f"model.batch_norm={variant == 'bn'}"]
+    overrides = [f"model.arch={arch}", "model.levels=2", "train.epochs=1", f"model.batch_norm={variant == 'bn'}",
+                 *(PIECEWISE if variant == "pl" else [])]
     train(demo_config(demo_data, overrides), run)
     bundles = tmp_path_factory.mktemp(f"bundles_{arch}")
     return run, export_run(run, bundles, version=f"{arch}{variant}-1")

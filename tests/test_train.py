@@ -82,17 +82,22 @@ def test_cli_train_with_overrides(tmp_path: Path, demo_data: Path, capsys) -> No
     assert "model.arch" in capsys.readouterr().err
 
 
-def test_feature_parity_training_vs_json_requests(demo_data: Path) -> None:
+@pytest.mark.parametrize("numeric", ["scalar", "piecewise_linear"])
+def test_feature_parity_training_vs_json_requests(demo_data: Path, numeric: str) -> None:
     """Rows encoded by the trainer (from the file) equal the same rows sent as JSON and encoded the service's way."""
     import pandas as pd
 
     from model.data import encode_split, fit_schema, needed_columns, read_files
     from mtrank.encoding import FeatureEncoder
 
-    cfg = demo_config(demo_data)
+    cfg = demo_config(demo_data, [f"features.{i}.{k}" for i in (3, 8, 10)
+                                  for k in (f"encoding={numeric}", "clip=null")] if numeric != "scalar" else [])
     df = read_files(cfg.data, cfg.data.train, needed_columns(cfg))
     schema = fit_schema(cfg, df)
     trained = encode_split(cfg, schema, df.head(300)).inputs
+    assert schema.n_dense("item") == (2 if numeric == "scalar" else 2 + sum(len(f.edges) - 1 for f in schema.features
+                                                                             if f.side == "item" and f.edges))
+    assert numeric == "scalar" or schema.n_dense("item") > 10
     raw = pd.read_parquet(demo_data).head(300)
     records = json.loads(raw.to_json(orient="records"))  # what a client would send
     enc = FeatureEncoder(schema)
