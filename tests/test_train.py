@@ -219,3 +219,21 @@ def test_report_writes_plots_and_summary(tmp_path: Path, tiny_run: Path, capsys)
     assert "ctr vs like" in md and "gate_l0_watch_time" in md
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_cosine_schedule_and_ema_weights(tmp_path: Path, demo_data: Path) -> None:
+    """The cosine schedule reaches 0 at the last epoch; with ema_decay the kept weights are the moving average,
+    which a plain run from the same seed does not produce."""
+    import torch
+
+    from model.train import train
+
+    base = ["train.epochs=2", "train.lr_schedule=cosine", "train.early_stopping.patience=5"]
+    plain = train(demo_config(demo_data, base), tmp_path / "plain")
+    assert plain["history"][0]["lr"] == pytest.approx(demo_config(demo_data, base).train.lr / 2, rel=0.05)
+    assert plain["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    ema = train(demo_config(demo_data, [*base, "train.ema_decay=0.9"]), tmp_path / "ema")
+    a = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "ema" / "model.pt", weights_only=True)
+    assert set(a) <= set(b) and any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    assert ema["validation"]["ctr"]["auc"] != plain["validation"]["ctr"]["auc"]
