@@ -283,7 +283,6 @@ class MGDA(Balancer):
     def __init__(self, tasks: list[TaskConfig], cfg: MgdaBalancer):
         super().__init__(tasks)
         self.upper_bound, self.normalize = cfg.upper_bound, cfg.normalize
-        self.register_buffer("last", torch.ones(len(tasks)))
 
     def backward(self, losses: torch.Tensor, present: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         weighted = self.task_weights * losses
@@ -300,8 +299,6 @@ class MGDA(Balancer):
             scale = 1.0 / distributed.all_reduce_(weighted.detach().double(), mean=True).clamp_min(1e-8)
         gram = gram * scale.unsqueeze(0) * scale.unsqueeze(1)
         alpha = min_norm_weights(gram, present.bool()).to(weighted.dtype) * present.sum()
-        with torch.no_grad():
-            self.last.copy_(alpha)
         _backward((alpha.detach() * weighted * present).sum(), ctx.extra)
         return alpha.detach() * self.task_weights
 
