@@ -38,7 +38,7 @@ from model.nets import MultiTaskRanker
 from mtrank.config import Config, GradNormBalancer, TaskConfig, parse_config
 from mtrank.encoding import FittedSchema
 
-LOWER_IS_BETTER = ("logloss", "mse", "mae", "loss", "ece")
+LOWER_IS_BETTER = ("logloss", "mse", "mae", "ece")
 
 
 def seed_everything(seed: int) -> None:
