@@ -214,7 +214,8 @@ class EpochStats:
         """Per-task gradients on the shared parameters [T, P] of one batch -> norms and pairwise cosines."""
         norms = grads.norm(dim=1)  # [T]
         unit = grads / norms.clamp_min(1e-12).unsqueeze(1)
-        both = present.unsqueeze(0) * present.unsqueeze(1) * (norms > 0).float().unsqueeze(0) * (norms > 0).float().unsqueeze(1)
+        ok = present * (norms > 0).float()  # [T]: labelled in this batch, with a gradient
+        both = ok.unsqueeze(0) * ok.unsqueeze(1)  # [T, T]
         self.grad_norm_sum += norms * present
         self.grad_norm_count += present
         self.cosine_sum += (unit @ unit.T) * both
@@ -257,8 +258,9 @@ class Trainer:
         self.balancer = make_balancer(tc.balancer, cfg.tasks, seed=tc.seed).to(placement.device)
         balancer_lr = tc.balancer.lr if isinstance(tc.balancer, GradNormBalancer) else tc.lr
         groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
-        if any(True for _ in self.balancer.parameters()):
-            groups.append({"params": list(self.balancer.parameters()), "lr": balancer_lr, "weight_decay": 0.0})
+        own = list(self.balancer.parameters())
+        if own:
+            groups.append({"params": own, "lr": balancer_lr, "weight_decay": 0.0})
         self.optim = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.ema: AveragedModel | None = None
@@ -379,14 +381,13 @@ class Trainer:
                               + (f" dominant={','.join(st['dominant'])}" if st["dominant"] else "")
                               for g, st in record["gates"].items() if st["dead"] or st["dominant"])
                     + f" | val {metric}={value:.4f} ({time.perf_counter() - t_epoch:.1f}s)")
-            if _improved(value, result.best_value if result else None, higher):
+            improved = _improved(value, result.best_value if result else None, higher)
+            if improved or result is None:  # a first epoch with a NaN metric is still the best so far
                 state = {k: v.detach().to("cpu", copy=True) for k, v in self.evaluated.state_dict().items()}
                 result = FitResult(value, epoch, state)
+            if improved:
                 bad_epochs = 0
             else:
-                if result is None:  # a first epoch with a NaN metric is still the best so far
-                    state = {k: v.detach().to("cpu", copy=True) for k, v in self.evaluated.state_dict().items()}
-                    result = FitResult(value, epoch, state)
                 bad_epochs += 1
                 if bad_epochs > tc.early_stopping.patience:
                     run.log(f"early stop after epoch {epoch} (best epoch {result.best_epoch})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -378,8 +378,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _tags(union: Any) -> set[str]:
+    """The ``kind`` tags of an ``Annotated[A | B | ..., Field(discriminator="kind")]`` union."""
+    return {member.model_fields["kind"].default for member in get_args(get_args(union)[0])}
+
+
 # Tags of the tagged unions (features, balancer): pydantic puts them in an error's location; the field path does not.
-UNION_TAGS = {"categorical", "numeric", "multi_categorical", "fixed", "uncertainty", "gradnorm", "dwa", "pcgrad", "mgda"}
+UNION_TAGS = _tags(Feature) | _tags(BalancerConfig)
 
 
 def format_validation_error(err: ValidationError) -> str:
