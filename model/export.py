@@ -34,6 +34,7 @@ from mtrank.bundle import (
     BundleManifest,
     GateInfo,
     Histogram,
+    Lineage,
     Quantization,
     Reference,
     ScoreRange,
@@ -41,6 +42,7 @@ from mtrank.bundle import (
     check_version_name,
     onnx_runner,
     run_sweep,
+    sha256_file,
     sweep_rows_for,
     write_bundle,
     write_current,
@@ -144,12 +146,14 @@ def quantize_int8(data: bytes) -> bytes:
 
 
 def export_run(run_dir: str | Path, bundles_dir: str | Path, version: str | None = None, activate: bool = True,
-               quantize: str | None = None, max_auc_drop: float = 0.002, sign_key: str | Path | None = None) -> Path:
+               quantize: str | None = None, max_auc_drop: float = 0.002, sign_key: str | Path | None = None,
+               lineage: Lineage | None = None) -> Path:
     """Export a finished run into ``bundles_dir/<version>/``; returns the bundle directory.
 
     ``version`` must follow the version-name rule (``mtrank.bundle.check_version_name``; checked before
     any work, BundleError naming ``version``). ``sign_key``: an Ed25519 private key (PEM) that signs the
-    manifest (``mtrank.signing``); loaded before any work too.
+    manifest (``mtrank.signing``); loaded before any work too. ``lineage``: kind, parent and detail recorded
+    in the manifest (default: a plain ``train`` export); the run directory and checkpoint hash are filled here.
     """
     if version is not None:
         check_version_name(version, "version")
@@ -234,6 +238,8 @@ def export_run(run_dir: str | Path, bundles_dir: str | Path, version: str | None
         reference=reference,
         metrics={"validation": metrics.get("validation", {}), "test": metrics.get("test", {})},
         quantization=quant,
+        lineage=(lineage or Lineage()).model_copy(update={
+            "run_dir": str(run_dir.resolve()), "checkpoint_sha256": sha256_file(run_dir / "model.pt")}),
     )
     files = {MODEL: data, GOLDEN: json.dumps(golden).encode()}
     bundle = write_bundle(bundles_dir, manifest, files, signer=signer)

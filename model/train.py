@@ -19,9 +19,10 @@ import math
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
@@ -160,8 +161,32 @@ class RunDir:
 
 
 @dataclass
+class Batch:
+    """One rank's share of one global batch, on the training device."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, T] bool
+
+
+class BatchSource(Protocol):
+    """What an epoch trains on: in-memory tensors (``TrainData``) or a streamed dataset (``model.stream``).
+
+    ``batches`` yields this rank's share of each global batch of ``batch_size`` rows. Every rank must yield
+    the same number of batches in an epoch (DDP steps together), none twice in an epoch, in an order drawn
+    from ``gen`` (every rank holds a generator seeded alike)."""
+
+    @property
+    def rows(self) -> int:
+        """Rows per epoch over all ranks (progress, probe spacing, schedule length)."""
+        ...
+
+    def batches(self, gen: torch.Generator, batch_size: int, placement: Placement) -> Iterator[Batch]: ...
+
+
+@dataclass
 class TrainData:
-    """A split's inputs, labels and masks as tensors on the training device."""
+    """A split's inputs, labels and masks as tensors on the training device (data that fits in memory)."""
 
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor  # [N, T]
@@ -172,8 +197,21 @@ class TrainData:
         return cls({k: v.to(device) for k, v in to_tensors(split).items()},
                    torch.from_numpy(split.labels).to(device), torch.from_numpy(split.mask).to(device))
 
-    def __len__(self) -> int:
+    @property
+    def rows(self) -> int:
         return self.labels.shape[0]
+
+    def batches(self, gen: torch.Generator, batch_size: int, placement: Placement) -> Iterator[Batch]:
+        """A seeded permutation, the same on every rank; each rank takes every W-th row of each global batch.
+        A global batch smaller than 2 rows per rank is dropped (batch norm cannot train on one row)."""
+        rank, world = placement.rank, placement.world_size
+        perm = torch.randperm(self.rows, generator=gen).to(self.labels.device)
+        for i in range(0, self.rows, batch_size):
+            idx = perm[i : i + batch_size]
+            if len(idx) < 2 * world:
+                continue
+            idx = idx[rank::world]
+            yield Batch({k: v[idx] for k, v in self.inputs.items()}, self.labels[idx], self.mask[idx])
 
 
 @dataclass
@@ -316,38 +354,30 @@ class Trainer:
         stats.weight_sum += weights
         stats.steps += 1
 
-    def train_epoch(self, data: TrainData, gen: torch.Generator, desc: str = "") -> EpochStats:
-        """One pass over ``data`` in a seeded random order. Every rank draws the same order and trains on every
-        W-th row of each global batch: no row twice in an epoch, a different shuffle per rank and epoch."""
+    def train_epoch(self, data: BatchSource, gen: torch.Generator, desc: str = "") -> EpochStats:
+        """One pass over ``data`` (``BatchSource``: no row twice, a different shuffle per epoch and rank)."""
         tc, T = self.cfg.train, len(self.cfg.tasks)
-        rank, world = self.placement.rank, self.placement.world_size
         self.model.train()
-        perm = torch.randperm(len(data), generator=gen).to(self.placement.device)
         stats = EpochStats(T, self.placement.device)
-        starts = list(range(0, len(data), tc.batch_size))
-        n_probe = min(tc.instruments.probes_per_epoch, len(starts))
-        probes = {starts[int(i)] for i in np.linspace(0, len(starts) - 1, n_probe)} if n_probe else set()
-        batches: Any = starts
+        n_batches = math.ceil(data.rows / tc.batch_size)
+        n_probe = min(tc.instruments.probes_per_epoch, n_batches)
+        probes = {int(i) for i in np.linspace(0, n_batches - 1, n_probe)} if n_probe else set()
+        batches: Any = data.batches(gen, tc.batch_size, self.placement)
         if tc.progress and self.placement.is_main and sys.stderr.isatty():
             from tqdm import tqdm
 
-            batches = tqdm(batches, desc=desc, leave=False, unit="batch")
-        for i in batches:
-            idx = perm[i : i + tc.batch_size]
-            if len(idx) < 2 * world:  # batch norm cannot train on a single row; every rank must step
-                continue
-            idx = idx[rank::world]
-            self.step({k: v[idx] for k, v in data.inputs.items()}, data.labels[idx], data.mask[idx], stats,
-                      probe=i in probes)
+            batches = tqdm(batches, desc=desc, leave=False, unit="batch", total=n_batches)
+        for i, batch in enumerate(batches):
+            self.step(batch.inputs, batch.labels, batch.mask, stats, probe=i in probes)
         distributed.all_reduce_(stats.loss_sum)
         self.balancer.end_epoch(stats.loss_sum / stats.loss_count.clamp_min(1))
         return stats
 
-    def fit(self, train: TrainData, validation: Split, run: RunDir) -> FitResult:
+    def fit(self, train: BatchSource, validation: Split, run: RunDir) -> FitResult:
         """Epochs with early stopping on the resolved ``train.early_stopping`` metric; keeps the best state (CPU)."""
         tc, metric = self.cfg.train, self.cfg.stopping_metric
         if tc.lr_schedule == "cosine":
-            steps = tc.epochs * math.ceil(len(train) / tc.batch_size)
+            steps = tc.epochs * math.ceil(train.rows / tc.batch_size)
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optim, T_max=steps)
         gen = torch.Generator().manual_seed(tc.seed)
         x_val = to_tensors(validation)
@@ -410,7 +440,16 @@ def _improved(value: float, best: float | None, higher: bool) -> bool:
 # ------------------------------------------------------------------------------------------ a run
 
 
-def train(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class WarmStart:
+    """Start from trained weights instead of fitting a schema and initialising a model (``mtrank refresh``):
+    ``schema`` is used as is (no fitting), ``state`` is loaded into the model before the first step."""
+
+    schema: FittedSchema
+    state: dict[str, torch.Tensor]
+
+
+def train(cfg: Config, out_dir: str | Path, warm_start: WarmStart | None = None) -> dict[str, Any]:
     """Train, evaluate on validation and test, write the run directory; returns metrics.json.
 
     Under torchrun every rank reads and encodes the data, trains on its share of each batch, validates on the
@@ -425,7 +464,7 @@ def train(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
     run = RunDir(out_dir, placement)
     t0 = time.perf_counter()
     train_df, val_df, test_df = load_frames(cfg)
-    schema = fit_schema(cfg, train_df)
+    schema = warm_start.schema if warm_start is not None else fit_schema(cfg, train_df)
     splits = {"train": encode_split(cfg, schema, train_df), "validation": encode_split(cfg, schema, val_df),
               "test": encode_split(cfg, schema, test_df) if len(test_df) else None}
     prep_s = time.perf_counter() - t0
@@ -433,7 +472,10 @@ def train(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
     run.write_text("schema.json", json.dumps(schema.to_dict(), indent=1))
     run.save_split("val.npz", splits["validation"])
 
-    trainer = Trainer(cfg, build_model(cfg, schema), placement)
+    model = build_model(cfg, schema)
+    if warm_start is not None:
+        model.load_state_dict(warm_start.state)
+    trainer = Trainer(cfg, model, placement)
     fit = trainer.fit(TrainData.from_split(splits["train"], placement.device), splits["validation"], run)
     run.save_state("model.pt", fit.best_state)
 

@@ -161,6 +161,17 @@ class Quantization(_M):
     auc_delta: dict[str, float] = {}
 
 
+class Lineage(_M):
+    """Where a bundle came from. ``mtrank refresh`` warm-starts from ``run_dir``/model.pt (checked against
+    ``checkpoint_sha256``); ``mtrank calibrate`` writes a child that shares the parent's model.onnx bytes."""
+
+    kind: Literal["train", "refresh", "calibrate"] = "train"
+    run_dir: str | None = None  # absolute path of the run directory the model was exported from
+    checkpoint_sha256: str | None = None  # sha256 of that run's model.pt
+    parent: str | None = None  # refresh / calibrate: the version this one was derived from
+    detail: dict[str, Any] = {}  # what made it (refresh: the data window; calibrate: labels used, holdout ECE)
+
+
 class BundleManifest(_M):
     format_version: int = FORMAT_VERSION
     model_version: str
@@ -177,6 +188,7 @@ class BundleManifest(_M):
     reference: Reference
     metrics: dict[str, Any]  # validation metrics of the run
     quantization: Quantization = Quantization()
+    lineage: Lineage = Lineage()  # bundles written before lineage was recorded read as kind "train", no run_dir
     files: dict[str, str] = {}  # file name -> sha256
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
