@@ -7,15 +7,16 @@ split only, ``encode_split`` turns a frame into model inputs + labels + masks th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from mtrank.config import Config, ConfigError, DataConfig, TaskConfig
-from mtrank.encoding import FeatureEncoder, FittedFeature, FittedSchema, canonical_strings
+from mtrank.config import Config, ConfigError, DataConfig, NumericFeature, TaskConfig
+from mtrank.encoding import FeatureEncoder, FittedFeature, FittedSchema, canonical_strings, mix64
 
 
 @dataclass
@@ -134,43 +135,161 @@ def _text(col: pd.Series) -> np.ndarray:
     return col.fillna("").astype(str).to_numpy(dtype=str)
 
 
+def vocab_counts(col: pd.Series, min_count: int) -> pd.Series:
+    """Non-missing canonical values seen at least ``min_count`` times -> count, most frequent first."""
+    return frequent(pd.Series(_text(col)).value_counts(), min_count)
+
+
+def frequent(counts: pd.Series, min_count: int) -> pd.Series:
+    """Value counts -> those of non-missing values seen at least ``min_count`` times, most frequent first, ties
+    by value (so a vocabulary cut at ``max_vocab`` does not depend on the order rows were counted in)."""
+    counts = counts[(counts.index != "") & (counts >= min_count)]
+    return counts.iloc[np.lexsort((counts.index.to_numpy(dtype=str), -counts.to_numpy()))]
+
+
+@dataclass
+class _NumericStats:
+    """One numeric feature over chunks: the raw mean (default), moments of the transformed finite values (Chan
+    et al.'s pairwise update; one chunk gives numpy's own mean and std bit for bit), and its distinct values
+    (piecewise linear only): all of them while at most ``limit``, else the ``limit`` of lowest ``mix64`` hash of their bits
+    (a uniform sample of the distinct values, whatever their frequencies) plus the exact minimum and maximum."""
+
+    spec: NumericFeature
+    limit: int | None
+    raw_sum: float = 0.0
+    raw_n: int = 0
+    raw_finite: bool = False
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    distinct: np.ndarray = field(default_factory=lambda: np.empty(0))
+    pending: list[np.ndarray] = field(default_factory=list)  # chunks' distinct values not yet merged
+    sampled: bool = False
+    lo: float = math.inf
+    hi: float = -math.inf
+
+    def update(self, col: pd.Series) -> None:
+        raw = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+        self.raw_sum += float(np.nansum(raw))  # as np.nanmean sums
+        self.raw_n += int(np.count_nonzero(~np.isnan(raw)))
+        self.raw_finite |= bool(np.isfinite(raw).any())
+        x = np.sign(raw) * np.log1p(np.abs(raw)) if self.spec.transform == "log1p" else raw
+        finite = x[np.isfinite(x)]
+        if not finite.size:
+            return
+        nb, mb = finite.size, float(finite.mean())
+        m2b = float(((finite - mb) ** 2).sum())
+        if self.n == 0:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+        else:
+            n, d = self.n + nb, mb - self.mean
+            self.mean, self.m2 = self.mean + d * nb / n, self.m2 + m2b + d * d * self.n * nb / n
+            self.n = n
+        if self.spec.encoding == "piecewise_linear":
+            self.lo, self.hi = min(self.lo, float(finite.min())), max(self.hi, float(finite.max()))
+            self.pending.append(np.unique(finite))
+            if sum(map(len, self.pending)) > len(self.distinct) + 65_536:  # merge when it doubles: amortised
+                self.merge()
+
+    def merge(self) -> np.ndarray:
+        u = np.unique(np.concatenate([self.distinct, *self.pending]))
+        if self.limit is not None and len(u) > self.limit:
+            u, self.sampled = np.sort(u[np.argpartition(mix64((u + 0.0).view(np.uint64)), self.limit - 1)[: self.limit]]), True
+        self.distinct, self.pending = u, []
+        return u
+
+    def fitted(self) -> FittedFeature:
+        f = self.spec
+        default = f.default if f.default is not None else (self.raw_sum / self.raw_n if self.raw_finite else 0.0)
+        standard = f.normalize == "standard" and self.n > 0
+        mean, std = (self.mean, math.sqrt(self.m2 / self.n)) if standard else (0.0, 1.0)
+        edges: list[float] = []
+        if f.encoding == "piecewise_linear" and self.n:
+            q = np.quantile(self.merge(), np.linspace(0.0, 1.0, f.bins + 1))
+            if self.sampled:
+                q[0], q[-1] = self.lo, self.hi
+            edges = np.unique(q).tolist()
+            edges = edges if len(edges) >= 2 else []
+        return FittedFeature(name=f.name, kind="numeric", side=f.side, source=f.source, transform=f.transform,
+                             mean=mean, std=std if std > 1e-12 else 1.0, default=default, clip=f.clip, edges=edges)
+
+
+@dataclass
+class _Counts:
+    """Value counts of one vocab feature over chunks (merged when the pending counts outgrow the merged ones)."""
+
+    merged: pd.Series | None = None
+    pending: list[pd.Series] = field(default_factory=list)
+
+    def update(self, col: pd.Series) -> None:
+        self.pending.append(pd.Series(_text(col)).value_counts())
+        if sum(map(len, self.pending)) > (0 if self.merged is None else len(self.merged)) + 65_536:
+            self.total()
+
+    def total(self) -> pd.Series:
+        parts = ([] if self.merged is None else [self.merged]) + self.pending
+        self.merged = parts[0] if len(parts) == 1 else pd.concat(parts).groupby(level=0, sort=False).sum()
+        self.pending = []
+        return self.merged
+
+
+class SchemaFitter:
+    """Vocabularies and numeric statistics accumulated over chunks of train rows -> ``FittedSchema``.
+
+    ``fit_schema`` passes the whole split as one chunk; ``model.stream`` passes record batches. Any chunking
+    gives the same vocabularies, defaults, means and standard deviations equal up to float64 rounding, and the
+    same piecewise-linear edges while a feature has at most ``distinct_limit`` distinct values (None: no bound).
+    """
+
+    def __init__(self, cfg: Config, distinct_limit: int | None = None):
+        self.cfg = cfg
+        self.stats: dict[str, _NumericStats | _Counts] = {}
+        for f in cfg.features:
+            if f.kind == "numeric":
+                self.stats[f.name] = _NumericStats(f, distinct_limit)
+            elif f.kind == "categorical" and f.encoding == "vocab":
+                self.stats[f.name] = _Counts()
+
+    @property
+    def columns(self) -> list[str]:
+        """The source columns fitting reads (hashed features need none)."""
+        return list(dict.fromkeys(f.source for f in self.cfg.features if f.name in self.stats))
+
+    def update(self, chunk: pd.DataFrame) -> None:
+        for f in self.cfg.features:
+            if f.name in self.stats:
+                self.stats[f.name].update(chunk[f.source])
+
+    def schema(self) -> FittedSchema:
+        """Lay out the embedding rows (row 0 is padding) in feature order."""
+        fitted: list[FittedFeature] = []
+        offset = 1
+        for f in self.cfg.features:
+            st = self.stats.get(f.name)
+            if isinstance(st, _NumericStats):
+                fitted.append(st.fitted())
+                continue
+            if isinstance(st, _Counts):
+                vocab = sorted(frequent(st.total(), f.min_count).index[: f.max_vocab].tolist())
+                ff = FittedFeature(name=f.name, kind="categorical", side=f.side, source=f.source, encoding="vocab",
+                                   vocab=vocab, offset=offset)
+            elif f.kind == "categorical":
+                ff = FittedFeature(name=f.name, kind="categorical", side=f.side, source=f.source, encoding="hash",
+                                   buckets=f.buckets, offset=offset)
+            else:
+                ff = FittedFeature(name=f.name, kind="multi_categorical", side=f.side, source=f.source,
+                                   encoding="hash", buckets=f.buckets, offset=offset, max_len=f.max_len,
+                                   separator=f.separator, pooling=f.pooling)
+            fitted.append(ff)
+            offset += ff.size
+        return FittedSchema(features=tuple(fitted), table_size=offset)
+
+
 def fit_schema(cfg: Config, train: pd.DataFrame) -> FittedSchema:
     """Fit vocabularies and numeric statistics on the train split; lay out embedding rows."""
-    fitted: list[FittedFeature] = []
-    offset = 1  # row 0 is padding
-    for f in cfg.features:
-        col = train[f.source]
-        if f.kind == "numeric":
-            raw = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
-            x = np.sign(raw) * np.log1p(np.abs(raw)) if f.transform == "log1p" else raw
-            finite = x[np.isfinite(x)]
-            default = f.default if f.default is not None else (float(np.nanmean(raw)) if np.isfinite(raw).any() else 0.0)
-            mean, std = (float(finite.mean()), float(finite.std())) if f.normalize == "standard" and finite.size else (0.0, 1.0)
-            edges: list[float] = []
-            if f.encoding == "piecewise_linear" and finite.size:
-                distinct = np.unique(finite)
-                edges = np.unique(np.quantile(distinct, np.linspace(0.0, 1.0, f.bins + 1))).tolist()
-                edges = edges if len(edges) >= 2 else []
-            fitted.append(FittedFeature(name=f.name, kind="numeric", side=f.side, source=f.source,
-                                        transform=f.transform, mean=mean, std=std if std > 1e-12 else 1.0,
-                                        default=default, clip=f.clip, edges=edges))
-            continue
-        if f.kind == "categorical" and f.encoding == "vocab":
-            counts = pd.Series(_text(col)).value_counts()
-            counts = counts[(counts.index != "") & (counts >= f.min_count)]
-            vocab = sorted(counts.index[: f.max_vocab].tolist())
-            ff = FittedFeature(name=f.name, kind="categorical", side=f.side, source=f.source, encoding="vocab",
-                               vocab=vocab, offset=offset)
-        elif f.kind == "categorical":
-            ff = FittedFeature(name=f.name, kind="categorical", side=f.side, source=f.source, encoding="hash",
-                               buckets=f.buckets, offset=offset)
-        else:
-            ff = FittedFeature(name=f.name, kind="multi_categorical", side=f.side, source=f.source, encoding="hash",
-                               buckets=f.buckets, offset=offset, max_len=f.max_len, separator=f.separator,
-                               pooling=f.pooling)
-        fitted.append(ff)
-        offset += ff.size
-    return FittedSchema(features=tuple(fitted), table_size=offset)
+    fitter = SchemaFitter(cfg)
+    fitter.update(train)
+    return fitter.schema()
 
 
 # ----------------------------------------------------------------------------------- encoding
@@ -179,20 +298,20 @@ def fit_schema(cfg: Config, train: pd.DataFrame) -> FittedSchema:
 def derive_label(task: TaskConfig, col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Column -> (label float32 [N], present bool [N]). Missing cells are masked, never imputed."""
     rule = task.label
-    text = pd.Series(_text(col))  # canonical strings: a Parquet 1.0 reads "1", like a CSV 1
-    present = np.array(text != "", dtype=bool)
-    if rule.op == "value":
-        y = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
-        present &= np.isfinite(y)
-    elif rule.op in ("eq", "ne", "in"):
+    if rule.op in ("eq", "ne", "in"):
+        text = pd.Series(_text(col))  # canonical strings: a Parquet 1.0 reads "1", like a CSV 1
+        present = np.array(text != "", dtype=bool)
         values = rule.value if rule.op == "in" else [rule.value]
         hit = text.isin(canonical_strings(values)[0].tolist()).to_numpy()
         y = (~hit if rule.op == "ne" else hit).astype(np.float64)
-    else:
+    else:  # a number; a missing or non-numeric cell is not finite
         num = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
-        present &= np.isfinite(num)
-        cmp = {"gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal}[rule.op]
-        y = cmp(np.nan_to_num(num), float(rule.value)).astype(np.float64)
+        present = np.isfinite(num)
+        if rule.op == "value":
+            y = num
+        else:
+            cmp = {"gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal}[rule.op]
+            y = cmp(np.nan_to_num(num), float(rule.value)).astype(np.float64)
     if task.type == "binary" and rule.op == "value":
         bad = present & ~np.isin(y, (0.0, 1.0))
         if bad.any():
@@ -214,11 +333,12 @@ def raw_columns(schema: FittedSchema, df: pd.DataFrame) -> dict[str, Any]:
     return cols
 
 
-def encode_split(cfg: Config, schema: FittedSchema, df: pd.DataFrame) -> Split:
+def encode_split(cfg: Config, schema: FittedSchema, df: pd.DataFrame, with_groups: bool = True) -> Split:
+    """Encode a frame's features, labels and masks (and gAUC groups unless ``with_groups`` is off)."""
     inputs = FeatureEncoder(schema).encode_all(raw_columns(schema, df), len(df))
     labels = np.zeros((len(df), len(cfg.tasks)), dtype=np.float32)
     mask = np.zeros((len(df), len(cfg.tasks)), dtype=bool)
     for k, task in enumerate(cfg.tasks):
         labels[:, k], mask[:, k] = derive_label(task, df[task.label.column])
-    groups = _text(df[cfg.eval.group_column]) if cfg.eval.group_column else None
+    groups = _text(df[cfg.eval.group_column]) if cfg.eval.group_column and with_groups else None
     return Split(inputs, labels, mask, groups)

@@ -1,8 +1,8 @@
 """Gate health and gate regularisation.
 
 Health (per gate, from its mean weight per expert over a split): an expert is **dead** when its mean
-weight is below ``DEAD_FRACTION / m`` (the service's routing check uses the same rule, with the fraction
-configurable) and **dominant** when it holds more than ``DOMINANT_SHARE`` of the gate's weight.
+weight is below ``mtrank.metrics.dead_expert_threshold(m)`` (the rule the service's routing check applies,
+with its fraction configurable) and **dominant** when it holds more than ``DOMINANT_SHARE`` of the gate's weight.
 
 Regularisation (``train.gates``), summed over every gate, each a mean over the batch:
 
@@ -17,15 +17,15 @@ import numpy as np
 import torch
 
 from mtrank.config import GateRegularization
+from mtrank.metrics import dead_expert_threshold
 
-DEAD_FRACTION = 0.1
 DOMINANT_SHARE = 0.5
 
 
 def gate_health(mean: np.ndarray) -> dict[str, list[int]]:
     """Mean weight per expert [m] -> {"dead": [expert index], "dominant": [expert index]}."""
     m = len(mean)
-    return {"dead": [int(i) for i in np.flatnonzero(mean < DEAD_FRACTION / m)],
+    return {"dead": [int(i) for i in np.flatnonzero(mean < dead_expert_threshold(m))],
             "dominant": [int(i) for i in np.flatnonzero(mean > DOMINANT_SHARE)] if m > 1 else []}
 
 

@@ -1,12 +1,13 @@
-"""Building blocks: the shared embedding, batched expert MLPs and softmax gates.
+"""Building blocks: the shared embedding, the split first-layer input, batched expert MLPs and softmax gates.
 
 Notation in shape comments: B batch, S id slots, F fields, D embedding dim, n experts,
-I input width, H hidden width, T tasks, m experts visible to one gate.
+I input width (Ir request part + Ii item part), H hidden width, T tasks, m experts visible to one gate.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -55,6 +56,30 @@ class FeatureEmbedding(nn.Module):
         return (summed / denom.unsqueeze(1)).transpose(1, 2).flatten(1)  # [B, F * D]
 
 
+class SplitInput(NamedTuple):
+    """The first layer's input x = [request, item] [B, I], kept as its two parts and never materialised.
+
+    ``request`` [Br, Ir] with Br = 1 (serving: one request for every candidate) or B; ``item`` [B, Ii];
+    ``request_dim`` = Ir as a Python int (from the schema, so that an ONNX export folds the weight slices
+    into constants). A linear layer reads it as ``request @ W[:Ir] + item @ W[Ir:]``: the request's share
+    of the multiply-adds is done once per request row and broadcast-added over the candidates, and the
+    result equals ``cat([request.expand(B, -1), item], 1) @ W`` up to float rounding.
+    """
+
+    request: torch.Tensor
+    item: torch.Tensor
+    request_dim: int
+
+    def matmul(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ w (+ bias) for w [I, H], bias [H] -> [B, H]; the bias joins the request's product, at its batch."""
+        r = self.request @ w[: self.request_dim]  # [Br, H]
+        return (r if bias is None else r + bias) + self.item @ w[self.request_dim :]  # [Br, H] + [B, H]
+
+    def cat(self) -> torch.Tensor:
+        """The concatenated x [B, I] (request rows broadcast over the candidates)."""
+        return torch.cat([self.request.expand(self.item.shape[0], -1), self.item], dim=1)
+
+
 class BatchedBatchNorm(nn.Module):
     """Batch normalisation of n MLPs' activations [n, B, H], per (member, unit), over the batch."""
 
@@ -71,8 +96,8 @@ class BatchedBatchNorm(nn.Module):
 class BatchedMLP(nn.Module):
     """``n`` independent MLPs (experts, towers) evaluated together.
 
-    Input [B, I] (every MLP sees the same input: the first layer is one GEMM over all n) or
-    [n, B, I] (each its own input: one bmm). Output [n, B, H_last]. Each hidden layer is
+    Input [B, I] or a ``SplitInput`` (every MLP sees the same input: the first layer is one GEMM over all n,
+    two for a split input) or [n, B, I] (each its own input: one bmm). Output [n, B, H_last]. Each hidden layer is
     linear -> (batch norm) -> ReLU -> (dropout); the last layer skips all three when
     ``last_activation`` is false (a tower's logit).
     """
@@ -99,21 +124,23 @@ class BatchedMLP(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_dim = dims[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SplitInput) -> torch.Tensor:
         for i, (w, b, norm) in enumerate(zip(self.weights, self.biases, self.norms)):
-            if x.dim() == 2:  # shared input [B, I]: one GEMM against all n weight matrices
-                n, a, h = w.shape
-                y = (x @ w.permute(1, 0, 2).reshape(a, n * h)).view(-1, n, h).transpose(0, 1)  # [n, B, H]
+            n, a, h = w.shape
+            if isinstance(x, SplitInput):  # shared input, split: two GEMMs against all n weight matrices
+                flat = w.permute(1, 0, 2).reshape(a, n * h)  # [I, n * H]
+                x = x.matmul(flat, b.reshape(n * h)).view(-1, n, h).transpose(0, 1)  # [n, B, H]
+            elif x.dim() == 2:  # shared input [B, I]: one GEMM against all n weight matrices
+                x = (x @ w.permute(1, 0, 2).reshape(a, n * h)).view(-1, n, h).transpose(0, 1) + b  # [n, B, H]
             else:  # per-MLP input [n, B, I]
-                y = torch.bmm(x, w)  # [n, B, H]
-            x = y + b
+                x = torch.bmm(x, w) + b  # [n, B, H]
             if i < self.n_layers - 1 or self.last_activation:
                 x = self.dropout(torch.relu(norm(x)))
         return x
 
 
 class Gate(nn.Module):
-    """Softmax gate over ``m`` experts: input [B, I] -> weights [B, m] (rows sum to 1).
+    """Softmax gate over ``m`` experts: input [B, I] or a ``SplitInput`` -> weights [B, m] (rows sum to 1).
 
     ``expert_dropout`` p (training only): each row drops each expert with probability p and renormalises
     over the experts it kept; a row that would drop every expert keeps them all.
@@ -125,8 +152,10 @@ class Gate(nn.Module):
         self.temperature = temperature
         self.expert_dropout = expert_dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.softmax(self.linear(x) / self.temperature, dim=-1)
+    def forward(self, x: torch.Tensor | SplitInput) -> torch.Tensor:
+        lin = self.linear
+        logits = x.matmul(lin.weight.T, lin.bias) if isinstance(x, SplitInput) else lin(x)  # [B, m]
+        w = torch.softmax(logits / self.temperature, dim=-1)
         if self.training and self.expert_dropout > 0:
             keep = torch.rand_like(w) >= self.expert_dropout  # [B, m]
             keep = keep | ~keep.any(dim=1, keepdim=True)
@@ -136,5 +165,8 @@ class Gate(nn.Module):
 
 
 def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """weights [B, m], experts [m, B, H] -> [B, H]."""
-    return torch.einsum("bm,mbh->bh", weights, experts)
+    """weights [B, m], experts [m, B, H] -> [B, H]: sum_i weights[:, i] * experts[i].
+
+    A batched matmul ([B, 1, m] @ [B, m, H]), not an einsum: ONNX Runtime runs the exported Einsum about 3x
+    slower than MatMul plus the transpose (0.45 vs 0.13 ms for m = 8, B = 500, H = 128, one thread)."""
+    return torch.matmul(weights.unsqueeze(1), experts.transpose(0, 1)).squeeze(1)

@@ -1,8 +1,7 @@
 """Multi-task rankers: single-task baseline, Shared-Bottom, MMoE, CGC and PLE, with ESMM chains.
 
-All architectures share the input layer (one embedding table, request features broadcast over the
-candidate batch) and the output layer (one batched tower per task). They differ in the body that
-turns the input [B, I] into one representation per task [T, B, H]:
+All architectures share the input layer (one embedding table) and the output layer (one batched tower
+per task). They differ in the body that turns the input x [B, I] into one representation per task [T, B, H]:
 
 * ``single``        T independent MLPs (one batched MLP with T members)
 * ``shared_bottom`` one MLP, its output shared by every tower
@@ -14,6 +13,13 @@ turns the input [B, I] into one representation per task [T, B, H]:
 
 ESMM chains: a task with ``chain {parent, head}`` scores p(task) = p(parent) * p(head); its tower
 is the head, trained only through the product on all impressions.
+
+Split first layer: with request and item inputs, x = [request, item] is never built. Every layer that
+reads x (the first layer of the bottom, of the experts and of the level-0 task experts, and the level-0
+gates) computes ``request @ W_r + item @ W_i`` (``model.layers.SplitInput``) with the request product at
+its own batch, 1 at serving, so one request's share of the first layer is computed once, not once per
+candidate. W_r and W_i are row slices of the unchanged weights: checkpoints and parameter names are those
+of the concatenated form, and outputs equal it up to float rounding.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.layers import BatchedMLP, FeatureEmbedding, Gate, mix
+from model.layers import BatchedMLP, FeatureEmbedding, Gate, SplitInput, mix
 from mtrank.config import ModelConfig, TaskConfig
 from mtrank.encoding import FittedSchema
 
@@ -37,7 +43,8 @@ class GateSpec:
 
 
 class ExtractionLevel(nn.Module):
-    """One CGC level. Input: x [B, I] (first level) or per-task inputs [T + 1, B, I] (last = shared).
+    """One CGC level. Input: x [B, I] or a ``SplitInput`` (first level) or per-task inputs [T + 1, B, I]
+    (last = shared).
 
     Output: per-task outputs [T + 1, B, H] (the shared slot is filled when the level has a shared gate),
     the gate weights {gate name: [B, m]} and the shared experts' outputs [n_shared, B, H] (or None).
@@ -73,8 +80,10 @@ class ExtractionLevel(nn.Module):
         if shared_gate:
             self.gate_specs.append(GateSpec(f"gate_l{level}_shared", level, "shared", tuple(self.expert_names)))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
-        first = x.dim() == 2  # first level: every expert and gate reads x [B, I]; later levels x [T + 1, B, I]
+    def forward(self, x: torch.Tensor | SplitInput
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        first = isinstance(x, SplitInput) or x.dim() == 2  # first level: every expert and gate reads x
+        # (a SplitInput or [B, I]); later levels x [T + 1, B, I]
         parts = []
         if self.task_experts is not None:
             parts.append(self.task_experts(x if first else x.index_select(0, self.task_input)))  # [T * n_task, B, H]
@@ -123,8 +132,9 @@ class MultiTaskRanker(nn.Module):
     {unchained binary task: [B]}, ``gates`` {gate name: [B, m]} and ``representation``, the shared
     representation the task-specific part reads (MGDA's upper bound differentiates through it): the
     bottom's output [1, B, H] (shared_bottom), the last level's shared experts [n, B, H] (mmoe, cgc,
-    ple), else the input x [B, I]. Where gates or task experts also read the level's input, their
-    paths bypass it, so the bound is the approximation Sener & Koltun describe, not an identity.
+    ple), else the input x [B, I] (built for it; in training mode the first layer then reads slices of
+    it, so gradients reach it). Where gates or task experts also read the level's input, their paths
+    bypass it, so the bound is the approximation Sener & Koltun describe, not an identity.
     """
 
     def __init__(self, schema: FittedSchema, tasks: list[TaskConfig], cfg: ModelConfig):
@@ -135,7 +145,8 @@ class MultiTaskRanker(nn.Module):
         self.input_names = schema.input_names()
         self.embedding = FeatureEmbedding(schema, cfg.embedding_dim)
         d = cfg.embedding_dim
-        in_dim = sum(len(schema.id_features(g)) * d + schema.n_dense(g) for g in ("request", "item"))
+        self.request_dim = len(schema.id_features("request")) * d + schema.n_dense("request")  # Ir
+        in_dim = self.request_dim + len(schema.id_features("item")) * d + schema.n_dense("item")  # I
         self.has_request = any(n.startswith("request") for n in self.input_names)
         self.has_item = any(n.startswith("item") for n in self.input_names)
         T = len(tasks)
@@ -162,6 +173,9 @@ class MultiTaskRanker(nn.Module):
             hidden = dim
         self.towers = BatchedMLP(T, hidden, [*cfg.tower_hidden, 1], cfg.dropout, last_activation=False,
                                  batch_norm=cfg.batch_norm)
+        # MGDA-UB's representation is x itself when no shared layer sits between x and the towers
+        self.input_is_representation = cfg.arch == "single" or (
+            bool(len(self.levels)) and self.levels[-1].shared_experts is None)
         self.gate_specs = [spec for lvl in self.levels for spec in lvl.gate_specs]
         self.experts = [f"l{lvl.level}.{name}" for lvl in self.levels for name in lvl.expert_names]
 
@@ -172,8 +186,9 @@ class MultiTaskRanker(nn.Module):
         names += [t.chain.head for t in self.task_cfgs if t.chain is not None]
         return names
 
-    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Encoded inputs -> x [B, I]; a request batch of 1 is broadcast over the candidates."""
+    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | SplitInput:
+        """Encoded inputs -> x: a ``SplitInput`` (request [Br, Ir], item [B, Ii]; Br = 1 or B) when both
+        groups are present, else x [B, I]."""
         parts = {}
         for g in ("request", "item"):
             p = []
@@ -184,15 +199,18 @@ class MultiTaskRanker(nn.Module):
             if p:
                 parts[g] = torch.cat(p, dim=1) if len(p) > 1 else p[0]
         if "request" in parts and "item" in parts:
-            req = parts["request"].expand(parts["item"].shape[0], -1)  # [1 or B, Ir] -> [B, Ir]
-            return torch.cat([req, parts["item"]], dim=1)  # [B, I]
+            return SplitInput(parts["request"], parts["item"], self.request_dim)
         return next(iter(parts.values()))
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        x = self.features(inputs)  # [B, I]
+        x = self.features(inputs)  # SplitInput or [B, I]
+        full: torch.Tensor | None = None if isinstance(x, SplitInput) else x  # x [B, I], when built
+        if self.training and self.input_is_representation and full is None:
+            full = x.cat()  # [B, I]: MGDA-UB differentiates through it, so the first layer reads its slices
+            x = SplitInput(full[:, : self.request_dim], full[:, self.request_dim :], self.request_dim)
         gates: dict[str, torch.Tensor] = {}
         T = len(self.task_names)
-        shared: torch.Tensor | None = x
+        shared: torch.Tensor | None = None
         if self.cfg.arch == "single":
             reps = self.body(x)  # [T, B, H]
         elif self.cfg.arch == "shared_bottom":
@@ -218,7 +236,7 @@ class MultiTaskRanker(nn.Module):
                 head = torch.sigmoid(out[k])  # p(head | parent), e.g. pCVR
                 scores[t.chain.head] = head
                 scores[t.name] = scores[t.chain.parent] * head  # pCTCVR = pCTR * pCVR
-        representation = shared if shared is not None else x
+        representation = shared if shared is not None else full if full is not None else x.cat()
         return {"scores": scores, "logits": logits, "gates": gates, "representation": representation}
 
     def parameter_groups(self) -> ParameterGroups:

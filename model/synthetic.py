@@ -270,3 +270,31 @@ DEMO_CONFIG: dict[str, Any] = {
     "train": {"epochs": 3, "batch_size": 1024},
     "eval": {"group_column": "user_id"},
 }
+
+
+def drift(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """A deliberate, learnable drift of ``generate`` rows (refresh demos and tests): a new device ``tv`` takes
+    40 % of the ``web`` impressions and is clicked far more often, and items of category ``c3`` lose most of
+    their clicks (and so their purchases). Returns a changed copy."""
+    rng = np.random.default_rng(seed)
+    out = frame.copy()
+    n = len(out)
+    tv = (out["device"].to_numpy() == "web") & (rng.random(n) < 0.4)
+    out.loc[tv, "device"] = "tv"
+    click = out["click"].to_numpy().copy()
+    click[tv] |= (rng.random(n) < 0.5)[tv]
+    c3 = out["item_category"].to_numpy() == "c3"
+    click[c3] &= (rng.random(n) < 0.2)[c3]
+    out["click"] = click
+    out["purchase"] = out["purchase"].to_numpy() & click
+    return out
+
+
+def corrupt_labels(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The binary labels of ``frame`` permuted across rows (each column on its own): a window whose labels are
+    noise, which a refresh gate must refuse to promote."""
+    rng = np.random.default_rng(seed)
+    out = frame.copy()
+    for col in ("click", "like", "purchase"):
+        out[col] = out[col].to_numpy()[rng.permutation(len(out))]
+    return out

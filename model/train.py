@@ -36,6 +36,7 @@ from model.data import Split, encode_split, fit_schema, load_frames
 from model.evaluate import evaluate_split, to_tensors
 from model.gates import gate_regularization
 from model.nets import MultiTaskRanker
+from model.warmstart import WarmStart
 from mtrank.config import Config, GradNormBalancer, TaskConfig, parse_config
 from mtrank.encoding import FittedSchema
 
@@ -440,15 +441,6 @@ def _improved(value: float, best: float | None, higher: bool) -> bool:
 # ------------------------------------------------------------------------------------------ a run
 
 
-@dataclass(frozen=True)
-class WarmStart:
-    """Start from trained weights instead of fitting a schema and initialising a model (``mtrank refresh``):
-    ``schema`` is used as is (no fitting), ``state`` is loaded into the model before the first step."""
-
-    schema: FittedSchema
-    state: dict[str, torch.Tensor]
-
-
 def train(cfg: Config, out_dir: str | Path, warm_start: WarmStart | None = None) -> dict[str, Any]:
     """Train, evaluate on validation and test, write the run directory; returns metrics.json.
 
@@ -463,20 +455,30 @@ def train(cfg: Config, out_dir: str | Path, warm_start: WarmStart | None = None)
     placement = Placement.resolve(tc.device)
     run = RunDir(out_dir, placement)
     t0 = time.perf_counter()
-    train_df, val_df, test_df = load_frames(cfg)
-    schema = warm_start.schema if warm_start is not None else fit_schema(cfg, train_df)
-    splits = {"train": encode_split(cfg, schema, train_df), "validation": encode_split(cfg, schema, val_df),
-              "test": encode_split(cfg, schema, test_df) if len(test_df) else None}
+    source: BatchSource
+    if cfg.data.stream is None:
+        train_df, val_df, test_df = load_frames(cfg)
+        warm = warm_start.prepare(cfg, train_df) if warm_start is not None else None
+        schema = warm.schema if warm is not None else fit_schema(cfg, train_df)
+        source = TrainData.from_split(encode_split(cfg, schema, train_df), placement.device)
+        splits = {"validation": encode_split(cfg, schema, val_df),
+                  "test": encode_split(cfg, schema, test_df) if len(test_df) else None}
+    else:  # data larger than memory: Parquet row groups streamed through a shuffle buffer (model/stream.py)
+        from model.stream import no_rows, prepare_stream
+
+        warm = warm_start.prepare(cfg, no_rows(cfg)) if warm_start is not None else None  # vocabularies as they are
+        schema, source, validation, test = prepare_stream(cfg, placement, warm.schema if warm is not None else None)
+        splits = {"validation": validation, "test": test}
     prep_s = time.perf_counter() - t0
     run.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     run.write_text("schema.json", json.dumps(schema.to_dict(), indent=1))
     run.save_split("val.npz", splits["validation"])
 
     model = build_model(cfg, schema)
-    if warm_start is not None:
-        model.load_state_dict(warm_start.state)
+    if warm is not None:
+        model.load_state_dict(warm.state)
     trainer = Trainer(cfg, model, placement)
-    fit = trainer.fit(TrainData.from_split(splits["train"], placement.device), splits["validation"], run)
+    fit = trainer.fit(source, splits["validation"], run)
     run.save_state("model.pt", fit.best_state)
 
     metrics: dict[str, Any] = {}
@@ -484,7 +486,7 @@ def train(cfg: Config, out_dir: str | Path, warm_start: WarmStart | None = None)
     for name in ("validation", "test"):
         if splits[name] is not None:
             metrics[name], gates[name] = evaluate_split(cfg, trainer.model, splits[name], to_tensors(splits[name]))
-    n = len(splits["train"])
+    n = source.rows  # rows trained per epoch
     result = {
         **metrics,
         "gates": gates,
@@ -494,6 +496,7 @@ def train(cfg: Config, out_dir: str | Path, warm_start: WarmStart | None = None)
                   "rows_per_s": n * len(fit.history) / max(fit.train_seconds, 1e-9),
                   "train_seconds": fit.train_seconds, "prepare_seconds": prep_s, "device": str(placement.device),
                   "world_size": placement.world_size,
+                  **({"vocab_added": warm.vocab_added} if warm is not None else {}),
                   "params": sum(p.numel() for p in trainer.model.parameters())},
         "history": fit.history,
     }

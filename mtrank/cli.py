@@ -1,4 +1,4 @@
-"""The ``mtrank`` command: train, evaluate, export, bundle verify/sign/keygen, serve, stack, demo.
+"""The ``mtrank`` command: train, evaluate, report, export, refresh, calibrate, bundle verify/sign/keygen, serve, stack, demo.
 
 Torch is imported only by the subcommands that train or export, so ``mtrank serve`` and
 ``mtrank bundle ...`` run on a serving install (onnxruntime + fastapi + cryptography, no torch).
@@ -84,6 +84,47 @@ def cmd_export(args: argparse.Namespace) -> int:
     bundle = export_run(args.run_dir, args.out, version=args.version, activate=not args.no_activate,
                         quantize=args.quantize, max_auc_drop=args.max_auc_drop, sign_key=args.sign)
     print(json.dumps(export_summary(bundle), indent=1))
+    return 0
+
+
+CALIBRATE_NOTHING_WRITTEN = 3  # `mtrank calibrate`: no task's calibration improved on the holdout
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Exit 0: a new version written (JSON summary on stdout); 2: bad input; 3: no task improved, nothing
+    written (the summary, with each task's reason, on stdout)."""
+    from mtrank.bundle import check_version_name
+    from mtrank.feedback_log import FeedbackLogError
+
+    if not 0.0 < args.holdout_fraction < 1.0:
+        raise ConfigError(f"--holdout-fraction: must be between 0 and 1 (exclusive), got {args.holdout_fraction}")
+    if not 0.0 <= args.confidence < 1.0:
+        raise ConfigError(f"--confidence: must be in [0, 1), got {args.confidence}")
+    if args.min_labels < 1:
+        raise ConfigError(f"--min-labels: must be at least 1, got {args.min_labels}")
+    if args.version is not None:
+        check_version_name(args.version, "--version")
+    if args.sign is not None:
+        from mtrank.signing import SignatureError, load_private_key
+
+        try:
+            load_private_key(args.sign)
+        except SignatureError as err:
+            raise SignatureError(f"--sign: {err}") from None
+    from model.recalibrate import NoImprovement, recalibrate
+
+    try:
+        summary = recalibrate(args.bundle_dir, args.feedback, bundles_dir=args.bundles,
+                              holdout_fraction=args.holdout_fraction, min_labels=args.min_labels,
+                              confidence=args.confidence, version=args.version, activate=not args.no_activate,
+                              sign_key=args.sign, stream=args.stream)
+    except FeedbackLogError as err:
+        raise ConfigError(f"--feedback: {err}") from None
+    except NoImprovement as err:
+        print(json.dumps(err.summary, indent=1))
+        print(f"mtrank calibrate: nothing written: {err}", file=sys.stderr)
+        return CALIBRATE_NOTHING_WRITTEN
+    print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -196,6 +237,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from model.refresh import load_refresh_config, parse_every, run_refresh
+
+    every = parse_every(args.every) if args.every else None  # validated before anything is read
+    rc = load_refresh_config(args.config)
+    return run_refresh(rc, every_s=every, cycles=args.cycles)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtrank", description="Multi-task ranking: train, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-auc-drop", type=float, default=0.002, help="int8: refuse when any task's AUC drops more")
     p.add_argument("--sign", metavar="KEY_FILE", help="sign the bundle with this Ed25519 private key (PEM)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("refresh", help="warm-start the active bundle's model on a new data window; promote it "
+                                       "only through the gate (docs/refresh.md)")
+    p.add_argument("config", help="refresh YAML (bundles, runs, window, train, gate, export)")
+    p.add_argument("--every", metavar="DURATION", help="repeat every DURATION (90s, 30m, 6h, 1d); a failed cycle is "
+                                                       "logged and retried at the next tick")
+    p.add_argument("--cycles", type=int, help="with --every: stop after this many cycles")
+    p.set_defaults(func=cmd_refresh)
+
+    p = sub.add_parser("calibrate", help="refit a bundle's calibration on the service's feedback log and write it "
+                                         "as a new version (same model.onnx) when holdout ECE improves")
+    p.add_argument("bundle_dir")
+    p.add_argument("--feedback", required=True, metavar="LOG",
+                   help="feedback log: a directory or file of JSON lines, or a redis:// URL (see --stream)")
+    p.add_argument("--stream", default="mtrank:feedback", help="redis: the stream key (default mtrank:feedback)")
+    p.add_argument("--bundles", help="bundles directory to write to (default: BUNDLE_DIR's parent)")
+    p.add_argument("--holdout-fraction", type=float, default=0.3, help="share of requests held out (default 0.3)")
+    p.add_argument("--min-labels", type=int, default=500, help="labels needed on each side, per task (default 500)")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="share of bootstrap resamples of the holdout the refit must win (default 0.95; 0: any "
+                        "lower ECE)")
+    p.add_argument("--version", help="new version name (default: UTC time + 8 hex)")
+    p.add_argument("--no-activate", action="store_true", help="do not point CURRENT at the new version")
+    p.add_argument("--sign", metavar="KEY_FILE", help="sign the bundle with this Ed25519 private key (PEM)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("bundle", help="bundle tools")
     bsub = p.add_subparsers(dest="bundle_command", required=True)

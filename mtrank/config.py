@@ -39,7 +39,30 @@ class SplitConfig(_Strict):
     seed: int = 2024
 
 
+class StreamConfig(_Strict):
+    """Training data larger than memory (``model/stream.py``): Parquet row groups, ``interleave`` at a time, read in
+    record batches of ``read_rows`` taken from each in turn, encoded, and mixed in a shuffle buffer of
+    ``shuffle_buffer`` rows per process (a buffer of many batches from many row groups mixes well).
+
+    The schema is fitted in one streamed pass over the train data, or on the first ``fit_sample_rows`` rows of
+    the row groups in an order seeded by ``seed``. A piecewise-linear feature keeps at most ``distinct_sample``
+    of its distinct values for its bin edges: all of them below that, a uniform sample of them above.
+    """
+
+    shuffle_buffer: int = Field(200_000, gt=0)  # rows per process that batches are drawn from (encoded, in memory)
+    read_rows: int = Field(8192, gt=0)  # rows per record batch read from Parquet
+    interleave: int = Field(64, gt=0)  # row groups read at once (an open one holds a few pages per column)
+    fit_sample_rows: int | None = Field(None, gt=0)  # None: fit the schema on every row
+    seed: int = 2024  # order of the row groups the fit sample is taken from
+    distinct_sample: int = Field(1_000_000, ge=2)
+    prefetch: bool = True  # read and encode in a background thread while the model trains
+
+
 class DataConfig(_Strict):
+    """Where the rows come from. With ``stream`` set, ``train`` entries may be Parquet files, directories (hive
+    partitions such as ``day=2024-01-01/`` become columns) or globs, streamed; validation and test are read in
+    memory, and validation files are required (a stream has no seeded fractions to carve)."""
+
     train: list[str] = Field(min_length=1)
     validation: list[str] = []
     test: list[str] = []
@@ -49,6 +72,7 @@ class DataConfig(_Strict):
     sep: str = ","
     na_values: list[str] = ["", "?", "NA", "NaN", "nan", "null"]
     split: SplitConfig = SplitConfig()
+    stream: StreamConfig | None = None
     # Resolves ``${VAR:-default}`` and relative paths against this directory (set by the loader).
     base_dir: str = "."
 
@@ -56,6 +80,20 @@ class DataConfig(_Strict):
     def _columns_when_headerless(self) -> DataConfig:
         if not self.header and not self.columns:
             raise ValueError("columns: required when header is false")
+        return self
+
+    @model_validator(mode="after")
+    def _stream_reads_parquet(self) -> DataConfig:
+        if self.stream is None:
+            return self
+        if not self.validation:
+            raise ValueError("data.validation: required with data.stream (streamed train data cannot be carved "
+                             "into seeded validation and test fractions)")
+        if self.format == "csv":
+            raise ValueError("data.format: data.stream reads Parquet only, not 'csv'")
+        for i, entry in enumerate(self.train):
+            if entry.lower().endswith((".csv", ".csv.gz", ".gz", ".tsv", ".txt")):
+                raise ValueError(f"data.train.{i}: data.stream reads Parquet only, not {entry!r}")
         return self
 
     def resolve(self, path: str) -> Path:
@@ -378,21 +416,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _tags(union: Any) -> set[str]:
+def union_tags(union: Any) -> set[str]:
     """The ``kind`` tags of an ``Annotated[A | B | ..., Field(discriminator="kind")]`` union."""
     return {member.model_fields["kind"].default for member in get_args(get_args(union)[0])}
 
 
 # Tags of the tagged unions (features, balancer): pydantic puts them in an error's location; the field path does not.
-UNION_TAGS = _tags(Feature) | _tags(BalancerConfig)
+UNION_TAGS = union_tags(Feature) | union_tags(BalancerConfig)
 
 
-def format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, title: str = "invalid config", tags: set[str] = UNION_TAGS) -> str:
+    """One line per error, ``dotted.path: message``; the ``tags`` of tagged unions are left out of the path."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in UNION_TAGS))
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in tags))
         lines.append(f"{loc or '<root>'}: {e['msg']}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return f"{title}:\n  " + "\n  ".join(lines)
 
 
 def parse_config(raw: dict[str, Any], base_dir: str | Path = ".") -> Config:

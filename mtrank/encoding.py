@@ -56,6 +56,19 @@ def fnv1a64(values: np.ndarray) -> np.ndarray:
     return h[inverse].reshape(values.shape)
 
 
+def mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, uint64 -> uint64: every input bit flips each output bit with probability ~1/2.
+
+    For a uniform draw from hashes whose high bits barely move between close inputs (FNV-1a of ``r1``, ``r2``,
+    ...; the bits of nearby floats): the refresh holdout split by request id, the distinct-value sample of a
+    streamed schema fit."""
+    h = np.asarray(h, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+
 def _canonical(v: Any) -> str | None:
     if v is None:
         return None

@@ -331,6 +331,15 @@ def spearman(x: ArrayLike, y: ArrayLike) -> float:
     return float(dx @ dy / denom) if denom > 0 else NAN
 
 
+DEAD_EXPERT_FRACTION = 0.1
+
+
+def dead_expert_threshold(n_experts: int, fraction: float = DEAD_EXPERT_FRACTION) -> float:
+    """The mean gate weight below which an expert counts as dead: ``fraction`` of a uniform share. One rule for
+    the trainer's gate health, the refresh gate and the service's ``dead_expert`` routing check."""
+    return fraction / n_experts
+
+
 def normalised_entropy(w: np.ndarray) -> np.ndarray:
     """Entropy of each row of weights [..., m] divided by ``ln m``: [...] in [0, 1] (1 = uniform; 0 when m = 1).
 

@@ -25,7 +25,8 @@ from starlette.background import BackgroundTask
 from service import fusion as fusion_mod
 from service.errors import error_body
 from service.feature_store import FeatureStore, StoreResult
-from service.feedback import JoinStore, JoinStoreUnavailable, PutResult
+from service.feedback import Event, IngestResult, JoinStore, JoinStoreUnavailable, PutResult
+from service.feedback.log import FeedbackLog
 from service.metrics import Metrics
 from service.monitor import Monitor
 from service.observe import Observability
@@ -55,6 +56,7 @@ class Services:
     registry: Registry
     store: FeatureStore
     joins: JoinStore  # prediction log + feedback (shared by workers / replicas, see service.feedback)
+    feedback_log: FeedbackLog  # joined labels, appended for `mtrank calibrate` (service.feedback.log)
     executor: ThreadPoolExecutor  # encode + inference + statistics + prediction log, off the event loop
     obs: Observability
     monitor: Monitor
@@ -254,7 +256,7 @@ async def feedback(body: FeedbackRequest, svc: ServicesDep, model: ModelDep) -> 
                 raise InputError(("body", "events", i, "labels", task), f"binary task label must be 0 or 1, got {value}")
         events.append((ev.request_id, ev.item_id, dict(ev.labels)))
     try:
-        res = await run_in_threadpool(svc.joins.ingest, events)
+        res = await run_in_threadpool(_ingest_logged, svc, events)
     except JoinStoreUnavailable as err:
         raise HTTPException(503, detail=f"feedback store unavailable; retry (labels already recorded count as duplicates): {err}") from None
     binary = frozenset(t for t, kind in model.task_types.items() if kind == "binary")
@@ -269,6 +271,14 @@ async def feedback(body: FeedbackRequest, svc: ServicesDep, model: ModelDep) -> 
     if res.accepted - res.joined:
         m.labels("unjoined").inc(res.accepted - res.joined)
     return FeedbackResponse(accepted=res.accepted, duplicates=res.duplicates, joined=res.joined)
+
+
+def _ingest_logged(svc: Services, events: list[Event]) -> IngestResult:
+    """Worker thread: record and join the events, then append the joined labels to the feedback log (which
+    never raises: a log failure is counted, and the labels are recorded already)."""
+    res = svc.joins.ingest(events)
+    svc.feedback_log.append(res.labels)
+    return res
 
 
 # ------------------------------------------------------------------------------- operations

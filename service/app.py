@@ -1,7 +1,7 @@
 """The FastAPI application: wiring, lifespan, middleware and error handlers.
 
 ``create_app(settings)`` builds every component (metrics, feature store, registry, join store,
-inference executor, observability, monitor, shadow); the lifespan starts them: feature-store
+feedback log, inference executor, observability, monitor, shadow); the lifespan starts them: feature-store
 connection, the initial bundle load (off the event loop), the reload poller and pub/sub listener,
 the monitor thread, then the GC tuning:
 
@@ -35,6 +35,7 @@ from service.api import Services, router
 from service.errors import error_body
 from service.feature_store import build_feature_store
 from service.feedback import build_join_store
+from service.feedback.log import build_feedback_log
 from service.metrics import Metrics, MetricsMiddleware, multiprocess_dir
 from service.monitor import Monitor
 from service.observe import Observability
@@ -170,10 +171,12 @@ def create_app(settings: Settings) -> FastAPI:
     store = build_feature_store(settings.feature_store, metrics)
     registry = Registry(settings, metrics)
     joins = build_join_store(settings, metrics)
+    feedback_log = build_feedback_log(settings, metrics)
     obs = Observability(metrics, settings, store.backend)
     monitor = Monitor(metrics, settings.monitoring, lambda: registry.current, flush=obs.flush)
     registry.listeners += [obs.on_slot, monitor.on_slot]
     services = Services(settings=settings, metrics=metrics, registry=registry, store=store, joins=joins,
+                        feedback_log=feedback_log,
                         executor=ThreadPoolExecutor(settings.onnx.executor_threads, thread_name_prefix="mtrank-infer"),
                         obs=obs, monitor=monitor, shadow=Shadow(settings, metrics, registry))
 
@@ -198,6 +201,7 @@ def create_app(settings: Settings) -> FastAPI:
             obs.stop()
             services.shadow.stop()
             joins.close()
+            feedback_log.close()
             await store.close()
             services.executor.shutdown(wait=False)
             if multiprocess_dir():

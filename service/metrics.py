@@ -11,7 +11,8 @@ Names (see docs/service.md for the full list and labels):
 ``mtrank_rank_stage_seconds``, ``mtrank_model_info``, ``mtrank_model_reloads_total``,
 ``mtrank_feature_store_hits_total``, ``mtrank_feature_store_misses_total``,
 ``mtrank_feature_store_errors_total``, ``mtrank_feature_store_timeouts_total``,
-``mtrank_feature_store_cache_hits_total``, ``mtrank_feedback_events_total``, ``mtrank_fusion_requests_total``.
+``mtrank_feature_store_cache_hits_total``, ``mtrank_feedback_events_total``, ``mtrank_feedback_log_records_total``,
+``mtrank_feedback_log_errors_total``, ``mtrank_fusion_requests_total``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ class Metrics:
         self.join_errors = Counter("mtrank_join_store_errors_total",
                                    "Prediction-log / feedback store operations that failed (request still served)",
                                    ["backend", "op"], registry=r)
+        self.feedback_log_records = Counter("mtrank_feedback_log_records_total",
+                                            "Joined labels appended to the feedback log", ["sink"], registry=r)
+        self.feedback_log_errors = Counter("mtrank_feedback_log_errors_total",
+                                           "Feedback-log appends that failed or were skipped after a failure "
+                                           "(their labels are not logged; /feedback still answered)",
+                                           ["sink"], registry=r)  # sink: jsonl | redis
         self.fusion = Counter("mtrank_fusion_requests_total", "/rank requests by fusion profile and arm",
                               ["profile", "arm"], registry=r)
 

@@ -11,7 +11,7 @@ start or a model change: a new primary model starts a new window, from its swap)
 Per gate of the primary bundle, against the manifest's reference statistics (validation split):
 
 * ``divergence``: Jensen-Shannon divergence (bits) of live vs reference mean expert weights;
-* ``dead_expert``: the smallest live mean weight is below ``dead_fraction / n_experts``;
+* ``dead_expert``: the smallest live mean weight is below ``dead_fraction / n_experts`` (``mtrank.metrics.dead_expert_threshold``);
 * ``collapse``: the largest live mean weight is above ``collapse_share``;
 * ``entropy``: |live - reference| mean normalised entropy above ``entropy_delta``.
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from mtrank.metrics import ece_from_sums, js_divergence, psi
+from mtrank.metrics import dead_expert_threshold, ece_from_sums, js_divergence, psi
 from service.metrics import Metrics, multiprocess_dir
 from service.observe import bucket_labels, gate_labels
 from service.registry import PRIMARY
@@ -179,7 +179,7 @@ class Monitor:
             values = {
                 "divergence": (js_divergence(live, ref_mean) if enough and np.isfinite(ref_mean).all() else math.nan,
                                th.divergence, "above"),
-                "dead_expert": (float(live.min()) if enough else math.nan, th.dead_fraction / k, "below"),
+                "dead_expert": (float(live.min()) if enough else math.nan, dead_expert_threshold(k, th.dead_fraction), "below"),
                 "collapse": (float(live.max()) if enough else math.nan, th.collapse_share, "above"),
                 "entropy": (abs(live_ent - ref_ent) if enough else math.nan, th.entropy_delta, "above"),
             }

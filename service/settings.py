@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mtrank.bundle import BundleError, check_version_name
-from mtrank.config import ConfigError, read_yaml_mapping
+from mtrank.config import ConfigError, read_yaml_mapping, union_tags
 
 DEFAULT_PROFILE = "default"
 
@@ -177,6 +177,33 @@ class ExperimentArm(_S):
     traffic: float = Field(gt=0.0, le=1.0)
 
 
+class FeedbackLogNone(_S):
+    """No feedback log (the default)."""
+
+    kind: Literal["none"] = "none"
+
+
+class FeedbackLogJsonl(_S):
+    """Joined labels as JSON lines in ``dir``, one file per worker process, rotated (mtrank.feedback_log.JsonlWriter)."""
+
+    kind: Literal["jsonl"] = "jsonl"
+    dir: str = Field(min_length=1)  # created when missing
+    max_bytes: int = Field(64 << 20, gt=0)  # a new file before a batch that would take the current one past this
+    max_age_s: float | None = Field(3600.0, gt=0)  # ... or once the current one is this old; null: size only
+    fsync: bool = False  # fsync after every batch (durable against a host crash, slower)
+
+
+class FeedbackLogRedis(_S):
+    """Joined labels on the Redis stream ``<feedback.key_prefix>:feedback``, at the join store's Redis URL
+    (``feedback.redis_url``, else the feature store's) (mtrank.feedback_log.RedisStreamWriter)."""
+
+    kind: Literal["redis"] = "redis"
+    maxlen: int = Field(100_000, gt=0)  # XADD MAXLEN ~: stream entries kept (one per /feedback call that joined)
+
+
+FeedbackLogSettings = Annotated[FeedbackLogNone | FeedbackLogJsonl | FeedbackLogRedis, Field(discriminator="kind")]
+
+
 class FeedbackSettings(_S):
     # Prediction log + label dedup (service/feedback/). auto = redis when a Redis URL resolves (redis_url,
     # else feature_store.redis.url when that backend is redis), else sqlite when sqlite_path is set, else memory.
@@ -195,7 +222,17 @@ class FeedbackSettings(_S):
     redis_url: str | None = None  # default: feature_store.redis.url when feature_store.backend is redis
     key_prefix: str = "mtrank"  # keys: <prefix>:pred:<request_id>, <prefix>:fb:<request_id>
     socket_timeout_ms: float = Field(50.0, gt=0)  # redis: socket and connect timeout
-    retry_after_ms: float = Field(500.0, ge=0)  # redis: after a failure, skip Redis this long (circuit breaker)
+    retry_after_ms: float = Field(500.0, ge=0)  # redis, and the feedback log: after a failure, skip it this long
+    # The feedback log (service/feedback/log.py): every joined label with its served scores, for `mtrank calibrate`.
+    # A mapping without `kind` that names a `dir` is a jsonl log.
+    log: FeedbackLogSettings = FeedbackLogNone()
+
+    @field_validator("log", mode="before")
+    @classmethod
+    def _log_kind(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "kind" not in v and "dir" in v:
+            return {**v, "kind": "jsonl"}
+        return v
 
     @model_validator(mode="after")
     def _backend_needs(self) -> FeedbackSettings:
@@ -320,14 +357,16 @@ class Settings(BaseSettings):
 
 
 _PROFILE_TAGS = ("weighted_sum", "weighted_product", "expression")
+_LOG_TAGS = union_tags(FeedbackLogSettings)
 
 
 def _format(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
-        parts = e["loc"]  # drop the discriminator tag pydantic inserts after a profile name
+        parts = e["loc"]  # drop the discriminator tag pydantic inserts after a profile name and after feedback.log
         loc = ".".join(str(p) for i, p in enumerate(parts)
-                       if not (i >= 2 and parts[i - 2] == "profiles" and p in _PROFILE_TAGS))
+                       if not (i >= 2 and parts[i - 2] == "profiles" and p in _PROFILE_TAGS)
+                       and not (i >= 1 and parts[i - 1] == "log" and p in _LOG_TAGS))
         msg = e["msg"].removeprefix("Value error, ")
         m = re.match(r"([\w.]+): (.*)", msg, re.DOTALL)  # model validators say "key.path: problem"
         if e["type"] == "value_error" and m:

@@ -44,6 +44,10 @@ def test_minimal_config_defaults() -> None:
     ("tasks.0.type", "ranking", "tasks.0.type"),
     ("tasks.0.label.op", "gt", "tasks.0.label"),
     ("model.n_expertz", "3", "model.n_expertz"),
+    ("data.stream", "{shuffle_buffer: 0}", "data.stream.shuffle_buffer"),
+    ("data.stream", "{read_rows: -1}", "data.stream.read_rows"),
+    ("data.stream", "{fit_sample_rows: 0}", "data.stream.fit_sample_rows"),
+    ("data.stream", "{buffer: 10}", "data.stream.buffer"),
 ])
 def test_bad_field_is_named(path: str, value: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -92,3 +96,19 @@ def test_census_example_configs_validate() -> None:
         cfg = load_config(Path(__file__).parents[1] / "examples" / "census-income" / f"{arch}.yaml")
         assert cfg.model.arch == arch
         assert cfg.task_names == ["income", "marital"]
+
+
+def test_streamed_data_needs_validation_files_and_parquet() -> None:
+    raw = _with("data.stream", "{}")
+    with pytest.raises(ConfigError, match=r"data\.validation: required with data\.stream"):
+        parse_config(raw)
+    raw["data"]["validation"] = ["val.parquet"]
+    with pytest.raises(ConfigError, match=r"data\.train\.0: data\.stream reads Parquet only, not 'x\.csv'"):
+        parse_config(raw)
+    raw["data"]["train"] = ["days/", "more/*.parquet"]
+    cfg = parse_config(raw)
+    assert cfg.data.stream is not None and cfg.data.stream.shuffle_buffer == 200_000
+    assert cfg.data.stream.fit_sample_rows is None and cfg.data.stream.prefetch
+    raw["data"]["format"] = "csv"
+    with pytest.raises(ConfigError, match=r"data\.format: data\.stream reads Parquet only"):
+        parse_config(raw)

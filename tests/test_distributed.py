@@ -36,10 +36,12 @@ def _env() -> dict[str, str]:
 def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_path: Path, demo_data: Path,
                                                                            balancer: str) -> None:
     """MGDA's min-norm solve amplifies the rounding of half-batch forward passes into its weights (within 1.4e-4
-    measured), so those are compared at 1e-3; a Gram matrix of one rank's rows alone fails the loss check."""
+    measured), so those are compared at 1e-3 and the losses they weight at 1e-4 (1.1e-5 measured in epoch 3); a Gram
+    matrix of one rank's rows alone fails the loss check."""
     from model.train import train
 
     weight_tol = 1e-3 if "mgda" in balancer else 1e-5
+    loss_tol = 1e-4 if "mgda" in balancer else 1e-5
     cfg = _config_file(tmp_path, demo_data, [f"train.balancer={balancer}"])
     one = train(demo_config(demo_data, [*OVERRIDES, f"train.balancer={balancer}"]), tmp_path / "one")
     proc = subprocess.run([sys.executable, "-m", "mtrank", "train", str(cfg), "--out", str(tmp_path / "two"),
@@ -53,7 +55,7 @@ def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_pa
     # already differ by 1e-5 to 1e-3 in the losses and 1e-4 to 1e-2 in validation AUC within three epochs.
     for h1, h2 in zip(one["history"], two["history"]):
         for task, loss in h1["train_loss"].items():
-            assert h2["train_loss"][task] == pytest.approx(loss, rel=1e-5), (h1["epoch"], task)
+            assert h2["train_loss"][task] == pytest.approx(loss, rel=loss_tol), (h1["epoch"], task)
         assert h2["val_metric"] == pytest.approx(h1["val_metric"], abs=1e-4)
         for task, w in h1["weights"].items():
             assert h2["weights"][task] == pytest.approx(w, rel=weight_tol)

@@ -91,6 +91,38 @@ def test_request_batch_of_one_in_onnx(arch_bundle: tuple[Path, Path]) -> None:
         np.testing.assert_allclose(a[name], b[name], atol=1e-6)
 
 
+def test_onnx_request_side_of_first_layer_runs_once(arch_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    """The split first layer in the exported graph, observed in an ORT profile of one request and 7 candidates:
+    every first-level consumer (bottom / experts, level-0 gates) multiplies the request part at [1, Ir], and
+    no MatMul reads the broadcast request part [7, Ir] or the concatenated input [7, I]."""
+    import onnxruntime as ort
+
+    from model.train import load_run
+
+    run, bundle = arch_bundle
+    _, _, model = load_run(run)
+    first = [model.body] if model.body is not None else [
+        m for m in (model.levels[0].task_experts, model.levels[0].shared_experts, *model.levels[0].gates,
+                    model.levels[0].shared_gate) if m is not None]
+    ir = model.request_dim
+    i_all = model.body.weights[0].shape[1] if model.body is not None else model.levels[0].gates[0].linear.in_features
+    inputs, _ = load_golden(bundle)
+    b = 7
+    feed = {k: (v[:1] if k.startswith("request") else np.repeat(v[:1], b, axis=0)) for k, v in inputs.items()}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / "profile")
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    sess.run(None, feed)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    a_shapes = [tuple(next(iter(e["args"]["input_type_shape"][0].values()))) for e in events
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                and e["args"].get("op_name") in ("MatMul", "FusedMatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul")]
+    assert a_shapes.count((1, ir)) == len(first), a_shapes
+    assert (b, ir) not in a_shapes and (b, i_all) not in a_shapes, a_shapes
+
+
 def _copy_bundle(src: Path, dst: Path) -> Path:
     import shutil
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.balance import make_balancer
+from model.layers import SplitInput
 from model.nets import ExtractionLevel, MultiTaskRanker
 from model.train import task_losses
 from mtrank.config import ModelConfig, TaskConfig, UncertaintyBalancer
@@ -99,6 +100,60 @@ def test_batch_norm_variant(arch: str) -> None:
     full = model(x)["scores"]["ctr"]
     first = model({k: v[:1] for k, v in x.items()})["scores"]["ctr"]
     torch.testing.assert_close(first, full[:1])
+
+
+class Concatenated(MultiTaskRanker):
+    """The formulation before the split first layer: x = [request broadcast, item] [B, I] multiplied whole."""
+
+    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = super().features(inputs)
+        return x.cat() if isinstance(x, SplitInput) else x
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k][n] - b[k][n]).detach().abs().max()) for k in ("scores", "logits", "gates") for n in a[k])
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["plain", "bn"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_split_first_layer_matches_concatenated_input(arch: str, batch_norm: bool) -> None:
+    """request @ W_r + item @ W_i equals [request, item] @ W: same state_dict, outputs within 1e-5, in training
+    (batch statistics, same parameter gradients) and in eval with a request batch of 1 or B."""
+    model = _model(arch, batch_norm=batch_norm, expert_hidden=[16, 8])
+    old = Concatenated(_schema(), TASKS, model.cfg)
+    old.load_state_dict(model.state_dict())
+    assert list(old.state_dict()) == list(model.state_dict())
+    x = _inputs(9)
+    model.train()
+    old.train()
+    new_out, old_out = model(x), old(x)  # batch norm: batch statistics, and both update the running ones alike
+    assert _max_diff(new_out, old_out) <= 1e-5
+    torch.testing.assert_close(new_out["representation"], old_out["representation"], atol=1e-5, rtol=0)
+    loss = lambda out: sum(s.sum() for s in out["scores"].values())  # noqa: E731
+    for a, b in zip(torch.autograd.grad(loss(new_out), list(model.parameters()), allow_unused=True),
+                    torch.autograd.grad(loss(old_out), list(old.parameters()), allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    model.eval()
+    old.eval()
+    for request_batch in (1, 9):
+        x = _inputs(9, request_batch=request_batch, seed=1)
+        new_out, old_out = model(x), old(x)
+        assert _max_diff(new_out, old_out) <= 1e-5
+        assert all(s.shape == (9,) for s in new_out["scores"].values())
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "cgc-no-shared"])
+def test_representation_receives_gradients(arch: str) -> None:
+    """MGDA-UB differentiates the task losses w.r.t. the representation: it must lie on their path, including
+    where it is the input x itself (single, or no shared experts), which the split first layer never builds."""
+    model = _model("cgc", n_shared_experts=0) if arch == "cgc-no-shared" else _model(arch)
+    out = model.train()(_inputs(6))
+    rep = out["representation"]
+    assert rep.shape[-2] == 6
+    (grad,) = torch.autograd.grad(sum(s.sum() for s in out["scores"].values()), rep)
+    assert grad.abs().sum() > 0
 
 
 def test_esmm_identity() -> None:

@@ -33,6 +33,9 @@ Backends (``feedback.backend``; one module each):
 ``feedback.sqlite_path`` is set, else memory. ``service.main.serve`` sets a shared SQLite file for
 ``workers > 1`` when neither is configured.
 
+The feedback log (:mod:`.log`, ``feedback.log``) appends each batch's joined labels (:class:`JoinedLabel`) to
+a durable log for ``mtrank calibrate``; it is not a join store backend.
+
 Every backend is thread-safe: ``put`` and ``ingest`` run in worker threads, concurrently. ``put`` never
 raises for backend faults (it counts ``mtrank_join_store_errors_total{op="put"}`` and logs, rate-limited):
 a /rank answer must not fail because its prediction could not be kept. ``ingest`` raises
@@ -65,8 +68,11 @@ PutResult = Literal["kept", "reused", "failed"]
 
 @dataclass(frozen=True)
 class JoinedLabel:
-    """One NEW ``(request, item, task)`` label that matched a kept prediction."""
+    """One NEW ``(request, item, task)`` label that matched a kept prediction (a record of the feedback log,
+    :mod:`mtrank.feedback_log`, once the log adds the time)."""
 
+    request_id: str
+    item_id: str
     task: str
     label: float
     raw: float  # the served raw score of that task for that item
@@ -83,17 +89,17 @@ class IngestResult:
     orphans: int = 0  # accepted events whose request has no kept prediction (module docstring, "Orphans")
     labels: list[JoinedLabel] = field(default_factory=list)  # one per new label of a joined event
 
-    def record(self, item_id: str, new: Mapping[str, float] | None, prediction: Prediction | None,
+    def record(self, request_id: str, item_id: str, new: Mapping[str, float] | None, prediction: Prediction | None,
                orphan: bool = False) -> None:
-        """Count one event: a duplicate when it brought no new label; else accepted (and an orphan when its
-        request has no kept prediction), and joined (its new labels with the served scores) when
-        ``prediction`` ranked ``item_id``."""
+        """Count one event of ``request_id``: a duplicate when it brought no new label; else accepted (and an
+        orphan when its request has no kept prediction), and joined (its new labels with the served scores) when
+        ``prediction`` (the request's) ranked ``item_id``."""
         if not new:
             self.duplicates += 1
             return
         self.accepted += 1
         self.orphans += orphan
-        joined = prediction.join(item_id, new) if prediction is not None else None
+        joined = prediction.join(request_id, item_id, new) if prediction is not None else None
         if joined is not None:
             self.joined += 1
             self.labels.extend(joined)

@@ -74,9 +74,10 @@ class Prediction:
         except ValueError:
             return None
 
-    def join(self, item_id: str, new: Mapping[str, float]) -> list[JoinedLabel] | None:
-        """The served scores of ``item_id`` for each task of ``new`` ({task: label}); None when the item was not
-        ranked. A task this prediction has no score for is left out (the event still counts as joined)."""
+    def join(self, request_id: str, item_id: str, new: Mapping[str, float]) -> list[JoinedLabel] | None:
+        """The served scores of ``item_id`` for each task of ``new`` ({task: label}), as labels of ``request_id``
+        (this prediction's request); None when the item was not ranked. A task this prediction has no score for
+        is left out (the event still counts as joined)."""
         pos = self.position(item_id)
         if pos is None:
             return None
@@ -86,8 +87,8 @@ class Prediction:
         for task, label in new.items():
             t = self._tasks.get(task)
             if t is not None:
-                out.append(JoinedLabel(task, float(label), float(self.raw[t, pos]), float(self.calibrated[t, pos]),
-                                       self.model_version, self.arm))
+                out.append(JoinedLabel(request_id, item_id, task, float(label), float(self.raw[t, pos]),
+                                       float(self.calibrated[t, pos]), self.model_version, self.arm))
         return out
 
     # ---------------------------------------------------------------------------------- encoding

@@ -93,7 +93,7 @@ class MemoryJoinStore:
                 known = hit[1]
                 new = {t: v for t, v in event_labels.items() if t not in known}
                 known.update(new)
-                res.record(iid, new, pred if new else None, orphan=pred is None)
+                res.record(rid, iid, new, pred if new else None, orphan=pred is None)
         return count_orphans(self.metrics, res)
 
     def close(self) -> None:

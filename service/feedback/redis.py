@@ -118,7 +118,7 @@ class RedisJoinStore:
         for rid, iid, labels in events:
             new = {task: label for task, label in labels.items() if next(added)}
             pred = preds[rid]
-            res.record(iid, new or None, pred, orphan=pred is None)
+            res.record(rid, iid, new or None, pred, orphan=pred is None)
         return res
 
 

@@ -272,7 +272,7 @@ class SqliteJoinStore:
         res = IngestResult()
         for (rid, iid, _), new in zip(events, new_per_event):
             pred = prediction(rid) if new else None
-            res.record(iid, new, pred, orphan=pred is None)
+            res.record(rid, iid, new, pred, orphan=pred is None)
         return res
 
     def __len__(self) -> int:

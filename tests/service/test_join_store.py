@@ -86,12 +86,13 @@ def test_put_then_ingest_joins_served_scores(make_store: Any) -> None:
     res = store.ingest([("r1", "i2", {"ctr": 1.0, "watch_time": 12.5}), ("r1", "i0", {"cvr": 0.0}),
                         ("r2", "i1", {"ctr": 0.0})])
     assert counts(res) == (3, 0, 3)
-    want = [JoinedLabel("ctr", 1.0, float(raw["ctr"][2]), float(cal["ctr"][2]), "v1", "treatment"),
-            JoinedLabel("watch_time", 12.5, float(raw["watch_time"][2]), float(cal["watch_time"][2]), "v1", "treatment"),
-            JoinedLabel("cvr", 0.0, float(raw["cvr"][0]), float(cal["cvr"][0]), "v1", "treatment")]
+    want = [JoinedLabel("r1", "i2", "ctr", 1.0, float(raw["ctr"][2]), float(cal["ctr"][2]), "v1", "treatment"),
+            JoinedLabel("r1", "i2", "watch_time", 12.5, float(raw["watch_time"][2]), float(cal["watch_time"][2]), "v1",
+                        "treatment"),
+            JoinedLabel("r1", "i0", "cvr", 0.0, float(raw["cvr"][0]), float(cal["cvr"][0]), "v1", "treatment")]
     assert res.labels[:3] == want  # exact float32 values, in event order
     raw2, cal2 = scores(2, 1)
-    assert res.labels[3] == JoinedLabel("ctr", 0.0, float(raw2["ctr"][1]), float(cal2["ctr"][1]), "v1", None)
+    assert res.labels[3] == JoinedLabel("r2", "i1", "ctr", 0.0, float(raw2["ctr"][1]), float(cal2["ctr"][1]), "v1", None)
     # the error series exist at 0
     for op in ("put", "ingest"):
         assert metrics.registry.get_sample_value("mtrank_join_store_errors_total",
@@ -168,7 +169,7 @@ def test_request_id_is_single_use(make_store: Any) -> None:
     assert store.put("r1", "v2", "b", ["j0", "j1"], TASKS, raw2, cal2) == "reused"  # nothing written
     res = store.ingest([("r1", "i1", {"ctr": 1.0}), ("r1", "j0", {"ctr": 1.0})])
     assert counts(res) == (2, 0, 1)
-    assert res.labels == [JoinedLabel("ctr", 1.0, float(raw["ctr"][1]), float(cal["ctr"][1]), "v1", "a")]
+    assert res.labels == [JoinedLabel("r1", "i1", "ctr", 1.0, float(raw["ctr"][1]), float(cal["ctr"][1]), "v1", "a")]
 
 
 def test_request_id_is_free_again_once_its_prediction_expired(make_store: Any) -> None:
@@ -306,7 +307,7 @@ def test_redis_shared_by_two_stores(redis_server: Any) -> None:
     b = RedisJoinStore(redis_server.url, Metrics())
     raw, cal = put(a, "r1", 4)
     res = b.ingest([("r1", "i3", {"ctr": 1.0})])
-    assert counts(res) == (1, 0, 1) and res.labels[0] == JoinedLabel("ctr", 1.0, float(raw["ctr"][3]),
+    assert counts(res) == (1, 0, 1) and res.labels[0] == JoinedLabel("r1", "i3", "ctr", 1.0, float(raw["ctr"][3]),
                                                                       float(cal["ctr"][3]), "v1", "treatment")
     assert counts(a.ingest([("r1", "i3", {"ctr": 0.0})])) == (0, 1, 0)
     batch = [("r1", f"i{k % 4}", {"cvr": 1.0}) for k in range(8)] + [("u", f"x{k}", {"ctr": 1.0}) for k in range(50)]

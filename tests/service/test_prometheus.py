@@ -47,6 +47,7 @@ def test_dashboard_and_alert_queries_return_series_from_a_real_prometheus(tmp_pa
         "experiments": [{"name": "treatment", "profile": "ctr_only", "traffic": 0.5}],
         "monitoring": {"interval_s": 1.0, "min_candidates": 50, "min_labels": 5},
         "shadow": {"version": "shadow-v1", "sample": 1.0},
+        "feedback": {"log": {"kind": "redis"}},
     }))
     cfg = StackConfig(bundles=bundles, replicas=1, workers=2, feature_store="redis", snapshot=items, port=0,
                       prometheus_port=0, scrape_interval="1s", config=extra, workdir=tmp_path / "stack")
@@ -73,6 +74,7 @@ def test_dashboard_and_alert_queries_return_series_from_a_real_prometheus(tmp_pa
                        interval=0.2, what=f"{candidates} candidates in the window")
             text = c.get("/metrics").text
         assert metric(text, "mtrank_feedback_events_total", result="joined") == events
+        assert metric(text, "mtrank_feedback_log_records_total", sink="redis") == 2 * events  # ctr and like labels
         assert metric(text, "mtrank_rank_candidates_count") == sent
         assert metric(text, "mtrank_feature_store_hits_total", side="item") > 0  # the snapshot's rows, from Redis
         assert len(list((stack.workdir / "prometheus-multiproc-0").glob("counter_*.db"))) >= 2, "one worker only"

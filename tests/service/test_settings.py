@@ -48,6 +48,8 @@ admin: {token: s3cret}
     ("fusion: {profiles: {x: {type: weighted_sum, weights: {ctr: abc}}}}", "fusion.profiles.x.weights.ctr"),
     ("fusion: {profiles: {x: {type: nope}}}", "fusion.profiles.x: Input tag 'nope'"),
     ("fusion: {default: missing}", "fusion.default: profile 'missing' is not defined"),
+    ("feedback: {log: {kind: jsonl, dir: /tmp/x, max_bytes: 0}}", "feedback.log.max_bytes: Input should be greater than 0"),
+    ("feedback: {log: {kind: kafka}}", "feedback.log: Input tag 'kafka'"),
     ("experiments: [{name: a, profile: nope, traffic: 0.5}]", "experiments.0.profile: profile 'nope' is not defined"),
     ("experiments: [{name: a, profile: default, traffic: 0.7}, {name: b, profile: default, traffic: 0.7}]",
      "experiments: traffic adds up to 1.4"),
