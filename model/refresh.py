@@ -62,6 +62,7 @@ from mtrank.config import (
     Config,
     ConfigError,
     _Strict,
+    expand_env,
     format_validation_error,
     parse_config,
     read_yaml_mapping,
@@ -135,7 +136,7 @@ class RefreshConfig(_Strict):
     base_dir: str = "."  # relative paths resolve against the refresh config's directory (set by the loader)
 
     def path(self, p: str) -> Path:
-        q = Path(os.path.expandvars(p))
+        q = Path(expand_env(p))
         return q if q.is_absolute() else Path(self.base_dir) / q
 
 

@@ -8,6 +8,7 @@ applied to the raw mapping before validation, so they are validated like everyth
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -97,14 +98,13 @@ class DataConfig(_Strict):
         return self
 
     def resolve(self, path: str) -> Path:
-        expanded = _expand_env(path)
+        expanded = expand_env(path)
         p = Path(expanded)
         return p if p.is_absolute() else Path(self.base_dir) / p
 
 
-def _expand_env(value: str) -> str:
+def expand_env(value: str) -> str:
     """``${VAR:-default}`` and ``${VAR}`` expansion (os.path.expandvars lacks defaults)."""
-    import re
 
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(3)
@@ -430,7 +430,13 @@ def format_validation_error(err: ValidationError, title: str = "invalid config",
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in tags))
-        lines.append(f"{loc or '<root>'}: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")
+        m = re.match(r"([\w.]+): (.*)", msg, re.DOTALL)  # a validator's "key.path: problem" names the key itself
+        if e["type"] == "value_error" and m:
+            key = m.group(1)
+            loc = key if not loc or key == loc or key.startswith(loc + ".") else f"{loc}.{key}"
+            msg = m.group(2)
+        lines.append(f"{loc or '<root>'}: {msg}")
     return f"{title}:\n  " + "\n  ".join(lines)
 
 
