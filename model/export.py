@@ -157,11 +157,9 @@ def export_run(run_dir: str | Path, bundles_dir: str | Path, version: str | None
     """
     if version is not None:
         check_version_name(version, "version")
-    signer = None
-    if sign_key is not None:
-        from mtrank.signing import Signer
+    from mtrank.signing import Signer
 
-        signer = Signer.from_file(sign_key)
+    signer = Signer.optional(sign_key)
     run_dir = Path(run_dir)
     cfg, schema, model = load_run(run_dir)
     val = Split.load(run_dir / "val.npz")

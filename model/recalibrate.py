@@ -237,11 +237,9 @@ def recalibrate(bundle_dir: str | Path, feedback: str | Path, bundles_dir: str |
         raise ValueError(f"confidence must be in [0, 1), got {confidence}")
     if version is not None:
         check_version_name(version, "version")
-    signer = None
-    if sign_key is not None:
-        from mtrank.signing import Signer
+    from mtrank.signing import Signer
 
-        signer = Signer.from_file(sign_key)
+    signer = Signer.optional(sign_key)
     bundle_dir = Path(bundle_dir)
     bundles = Path(bundles_dir) if bundles_dir is not None else bundle_dir.resolve().parent
     parent = read_manifest(bundle_dir)

@@ -45,7 +45,6 @@ from model.train import load_run, train
 from model.warmstart import WarmStart
 from mtrank.bundle import (
     GOLDEN,
-    MANIFEST,
     MODEL,
     BundleError,
     BundleManifest,
@@ -70,6 +69,7 @@ from mtrank.config import (
 )
 from mtrank.encoding import FeatureEncoder
 from mtrank.metrics import auc, ece, mse
+from mtrank.signing import Signer
 
 LOG_NAME = "refresh-log.jsonl"
 DATA_SUFFIXES = (".parquet", ".csv", ".csv.gz", ".gz", ".data")
@@ -322,6 +322,7 @@ def refresh_once(rc: RefreshConfig, now: dt.datetime | None = None) -> dict[str,
     """One refresh cycle (module docstring); returns the decision record it appended to the log."""
     t0 = time.perf_counter()
     now = now or dt.datetime.now(dt.UTC)
+    signer = Signer.optional(rc.path(rc.export.sign_key) if rc.export.sign_key else None)  # a bad key fails first
     bundles = rc.path(rc.bundles)
     active_dir, active, parent_run = _active(bundles)
     cfg, schema, model = load_run(parent_run)
@@ -350,22 +351,17 @@ def refresh_once(rc: RefreshConfig, now: dt.datetime | None = None) -> dict[str,
         "checks": checks, "holdout": scores,
     }
     if not failed:
-        promote(staged, bundles, rc.export.sign_key)
+        promote(staged, bundles, signer)
     record["seconds"] = time.perf_counter() - t0
     append_decision(bundles, record)
     return record
 
 
-def promote(staged: Path, bundles: Path, sign_key: str | None) -> Path:
-    """Copy a verified staged bundle into ``bundles`` (atomically, optionally signed) and point CURRENT at it."""
+def promote(staged: Path, bundles: Path, signer: Signer | None) -> Path:
+    """Copy a verified staged bundle into ``bundles`` (atomically, signed when ``signer`` is given) and point
+    CURRENT at it."""
     manifest, _ = verify_bundle(staged)
-    signer = None
-    if sign_key is not None:
-        from mtrank.signing import Signer
-
-        signer = Signer.from_file(sign_key)
     files = {name: (staged / name).read_bytes() for name in (MODEL, GOLDEN)}
-    manifest = BundleManifest.model_validate_json((staged / MANIFEST).read_bytes())
     bundle = write_bundle(bundles, manifest, files, signer=signer)
     write_current(bundles, manifest.model_version)
     return bundle

@@ -135,6 +135,11 @@ class Signer:
     def from_file(cls, path: str | Path) -> Signer:
         return cls(load_private_key(path))
 
+    @classmethod
+    def optional(cls, path: str | Path | None) -> Signer | None:
+        """The signer of the key at ``path``, or None when no key is given (an unsigned bundle)."""
+        return None if path is None else cls.from_file(path)
+
     @property
     def key_id(self) -> str:
         return key_id(self.key.public_key())

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import httpx
 import numpy as np
@@ -31,19 +31,9 @@ from mtrank.bundle import (
 from mtrank.cli import CALIBRATE_NOTHING_WRITTEN, main
 from mtrank.feedback_log import JsonlWriter, encode_records
 from mtrank.metrics import ece, equal_width_edges
+from tests.service.test_feedback_log import Rec
 
 Truth = Callable[[str, np.ndarray, Calibration], np.ndarray]  # (task, raw, current calibration) -> P(label = 1)
-
-
-class Rec(NamedTuple):
-    request_id: str
-    item_id: str
-    task: str
-    label: float
-    raw: float
-    calibrated: float
-    model_version: str
-    arm: str | None
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
