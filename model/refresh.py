@@ -15,8 +15,8 @@ One cycle:
 5. promoted: the candidate is written into the bundles directory and ``CURRENT`` moves (the service
    hot-reloads it); rejected: the active bundle stays and the decision says why.
 
-Every decision, and every cycle that fails, is one JSON line in ``BUNDLES/refresh-log.jsonl``
-(``docs/refresh.md`` describes the record). ``--every 6h`` repeats the cycle; the window is resolved again
+Every decision is one JSON line in ``BUNDLES/refresh-log.jsonl``, and so is every failed cycle of a loop and every
+cycle that fails on an unexpected exception (``docs/refresh.md`` describes the record). ``--every 6h`` repeats the cycle; the window is resolved again
 each time, so a ``partitions`` window follows new partitions as they land.
 """
 
@@ -375,10 +375,9 @@ def run_refresh(rc: RefreshConfig, every_s: float | None = None, cycles: int | N
     done, status = 0, 0
     while True:
         start = time.monotonic()
+        record: dict[str, Any] | None = None
         try:
             record = refresh_once(rc)
-            print(json.dumps({k: record[k] for k in ("decision", "reasons", "active", "candidate", "run_dir",
-                                                     "seconds")}, indent=1))
             status = 0
         except (ConfigError, BundleError, FileNotFoundError) as err:
             if every_s is None:
@@ -395,6 +394,9 @@ def run_refresh(rc: RefreshConfig, every_s: float | None = None, cycles: int | N
                 raise
             traceback.print_exc()
             status = 1
+        if record is not None:  # printed outside the try: a closed stdout is not a failed cycle
+            print(json.dumps({k: record[k] for k in ("decision", "reasons", "active", "candidate", "run_dir",
+                                                     "seconds")}, indent=1), flush=True)
         done += 1
         if every_s is None or (cycles is not None and done >= cycles):
             return status
