@@ -38,33 +38,49 @@ def predict(model: MultiTaskRanker, inputs: dict[str, torch.Tensor], batch_size:
 
 def gate_stats(model: MultiTaskRanker, gates: dict[str, np.ndarray]) -> dict[str, Any]:
     """Per gate: mean weight per expert, mean entropy (nats), dead and dominant experts (``model.gates``)."""
+    sums = {name: (w.sum(axis=0), float(gate_entropy(w).sum())) for name, w in gates.items()}
+    return gate_summary(model, sums, next(iter(gates.values())).shape[0] if gates else 0)
+
+
+def gate_entropy(w: np.ndarray) -> np.ndarray:
+    """Row entropies (nats) of gate weights [N, m] -> [N]."""
+    return -np.sum(w * np.log(np.clip(w, 1e-12, 1.0)), axis=1)
+
+
+def gate_summary(model: MultiTaskRanker, sums: dict[str, tuple[np.ndarray, float]], n: int) -> dict[str, Any]:
+    """``gate_stats`` from per-gate sums over ``n`` rows: (weight per expert [m], entropy) -> the same record."""
     stats = {}
     for spec in model.gate_specs:
-        w = gates[spec.name]
-        entropy = float(np.mean(-np.sum(w * np.log(np.clip(w, 1e-12, 1.0)), axis=1)))
-        mean = w.mean(axis=0)
+        weight, entropy = sums[spec.name]
+        mean = weight / max(n, 1)
         health = gate_health(mean)
         stats[spec.name] = {"level": spec.level, "owner": spec.owner, "experts": list(spec.experts),
-                            "mean": [float(x) for x in mean], "entropy": entropy,
+                            "mean": [float(x) for x in mean], "entropy": entropy / max(n, 1),
                             "dead": [spec.experts[i] for i in health["dead"]],
                             "dominant": [spec.experts[i] for i in health["dominant"]]}
     return stats
+
+
+def task_metrics(cfg: Config, labels: np.ndarray, mask: np.ndarray, groups: np.ndarray | None,
+                 scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per-task metrics of scores {task: [N]} against labels [N, T] where ``mask`` [N, T] holds a label."""
+    metrics: dict[str, Any] = {}
+    for k, t in enumerate(cfg.tasks):
+        m = mask[:, k]
+        y, p = labels[m, k], scores[t.name][m]
+        if t.type == "binary":
+            metrics[t.name] = binary_metrics(y, p, groups=groups[m] if groups is not None else None,
+                                             n_bins=cfg.eval.ece_bins)
+        else:
+            metrics[t.name] = regression_metrics(y, p)
+    return metrics
 
 
 def evaluate_split(cfg: Config, model: MultiTaskRanker, split: Split, tensors: dict[str, torch.Tensor]
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(per-task metrics, gate statistics) on one split."""
     scores, gates = predict(model, tensors)
-    metrics: dict[str, Any] = {}
-    for k, t in enumerate(cfg.tasks):
-        m = split.mask[:, k]
-        y, p = split.labels[m, k], scores[t.name][m]
-        if t.type == "binary":
-            groups = split.groups[m] if split.groups is not None else None
-            metrics[t.name] = binary_metrics(y, p, groups=groups, n_bins=cfg.eval.ece_bins)
-        else:
-            metrics[t.name] = regression_metrics(y, p)
-    return metrics, gate_stats(model, gates)
+    return task_metrics(cfg, split.labels, split.mask, split.groups, scores), gate_stats(model, gates)
 
 
 def format_table(metrics: dict[str, Any]) -> str:

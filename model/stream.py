@@ -3,7 +3,8 @@
 ``ParquetRows`` lists the row groups of the ``data.train`` entries (files, directories with hive partitions, globs)
 from their footers alone; ``fit_schema_streamed`` fits the schema in one pass (or on a seeded sample) with the
 same ``SchemaFitter`` as ``fit_schema``; ``StreamData`` is the ``BatchSource`` an epoch trains on. Each record
-batch is encoded by ``model.data.encode_split``, the in-memory path's code. Validation and test stay in memory.
+batch is encoded by ``model.data.encode_split``, the in-memory path's code. Validation stays in memory; the test
+split is streamed too (``evaluate_streamed``).
 
 Per epoch every rank shuffles the row-group list with the shared generator and reads its contiguous part of the
 rows in that order (sized in proportion to its share of a batch; a row group on a boundary is read by both
@@ -28,6 +29,8 @@ import pandas as pd
 import torch
 
 from model.data import SchemaFitter, Split, encode_split, needed_columns, read_files
+from model.evaluate import gate_entropy, gate_summary, predict, task_metrics, to_tensors
+from model.nets import MultiTaskRanker
 from model.train import Batch, Placement
 from mtrank.config import Config, ConfigError
 from mtrank.encoding import FittedSchema
@@ -46,22 +49,23 @@ class RowGroup:
 
 
 class ParquetRows:
-    """The streamed train data: every row group of the ``data.train`` entries, in entry and file order.
+    """The streamed data of a split (``data.train``, or ``data.test`` for evaluation): every row group of its
+    entries, in entry and file order.
 
     Reads only footers. An entry is a Parquet file, a directory (``partitioning="hive"``; files named ``.*`` or
     ``_*`` are skipped) or a glob; a file lacking a needed column is a ``ConfigError`` naming the config field and
     the file, like ``model.data.read_files``.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, split: str = "train"):
         import pyarrow.dataset as ds
 
         assert cfg.data.stream is not None
         self.read_rows = cfg.data.stream.read_rows
-        needed = train_columns(cfg)
+        needed = train_columns(cfg) if split == "train" else needed_columns(cfg)  # evaluation reads gAUC groups too
         self.groups: list[RowGroup] = []
-        for i, entry in enumerate(cfg.data.train):
-            where = f"data.train.{i}"
+        for i, entry in enumerate(getattr(cfg.data, split)):
+            where = f"data.{split}.{i}"
             for name, frag in _fragments(cfg.data.resolve(entry), any(c in entry for c in "*?["), where):
                 partition = ds.get_partition_keys(frag.partition_expression) or {}
                 present = set(frag.physical_schema.names) | set(partition)
@@ -312,6 +316,35 @@ class StreamData:
             source.close()  # stops the prefetch thread
 
 
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_streamed(cfg: Config, schema: FittedSchema, model: MultiTaskRanker, split: str = "test"
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``model.evaluate.evaluate_split`` over a streamed split: its row groups read in order in record batches,
+    encoded and scored batch by batch. Kept per row: the scores, labels, masks and gAUC groups (a few bytes per
+    task); gate statistics accumulate as sums. Returns (per-task metrics, gate statistics)."""
+    data = ParquetRows(cfg, split)
+    scores: dict[str, list[np.ndarray]] = {}
+    labels, masks, groups = [], [], []
+    sums: dict[str, tuple[np.ndarray, float]] = {}
+    for df in data.read(row_slices(data.groups, 0, data.rows), list(needed_columns(cfg))):
+        part = encode_split(cfg, schema, df)
+        s, gates = predict(model, to_tensors(part))
+        for name, v in s.items():
+            scores.setdefault(name, []).append(v)
+        labels.append(part.labels)
+        masks.append(part.mask)
+        if part.groups is not None:
+            groups.append(part.groups)
+        for name, w in gates.items():
+            weight, entropy = sums.get(name, (0.0, 0.0))
+            sums[name] = (weight + w.sum(axis=0), entropy + float(gate_entropy(w).sum()))
+    metrics = task_metrics(cfg, np.concatenate(labels), np.concatenate(masks),
+                           np.concatenate(groups) if groups else None, {k: np.concatenate(v) for k, v in scores.items()})
+    return metrics, gate_summary(model, sums, data.rows)
+
+
 # ------------------------------------------------------------------------------------------ a run
 
 
@@ -321,11 +354,12 @@ def no_rows(cfg: Config) -> pd.DataFrame:
 
 
 def prepare_stream(cfg: Config, placement: Placement, schema: FittedSchema | None = None
-                   ) -> tuple[FittedSchema, StreamData, Split, Split | None]:
-    """(schema, streamed train source, validation split, test split or None) for ``train()``.
+                   ) -> tuple[FittedSchema, StreamData, Split]:
+    """(schema, streamed train source, validation split) for ``train()``.
 
     The schema is fitted on the streamed train data unless given (a warm start); every rank fits it itself (the
-    same pass, so the same schema). Validation and test files are read and encoded in memory.
+    same pass, so the same schema). Validation files are read and encoded in memory (every epoch scores them);
+    the test split is streamed at the end (``evaluate_streamed``).
     """
     data = ParquetRows(cfg)
     schema = schema if schema is not None else fit_schema_streamed(cfg, data)
@@ -335,5 +369,4 @@ def prepare_stream(cfg: Config, placement: Placement, schema: FittedSchema | Non
                           f"{cfg.train.batch_size}")
     d, cols = cfg.data, needed_columns(cfg)
     validation = encode_split(cfg, schema, read_files(d, d.validation, cols))
-    test = encode_split(cfg, schema, read_files(d, d.test, cols)) if d.test else None
-    return schema, source, validation, test
+    return schema, source, validation

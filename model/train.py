@@ -467,8 +467,8 @@ def train(cfg: Config, out_dir: str | Path, warm_start: WarmStart | None = None)
         from model.stream import no_rows, prepare_stream
 
         warm = warm_start.prepare(cfg, no_rows(cfg)) if warm_start is not None else None  # vocabularies as they are
-        schema, source, validation, test = prepare_stream(cfg, placement, warm.schema if warm is not None else None)
-        splits = {"validation": validation, "test": test}
+        schema, source, validation = prepare_stream(cfg, placement, warm.schema if warm is not None else None)
+        splits = {"validation": validation, "test": None}  # the test split is streamed after training
     prep_s = time.perf_counter() - t0
     run.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     run.write_text("schema.json", json.dumps(schema.to_dict(), indent=1))
@@ -486,6 +486,10 @@ def train(cfg: Config, out_dir: str | Path, warm_start: WarmStart | None = None)
     for name in ("validation", "test"):
         if splits[name] is not None:
             metrics[name], gates[name] = evaluate_split(cfg, trainer.model, splits[name], to_tensors(splits[name]))
+    if cfg.data.stream is not None and cfg.data.test:
+        from model.stream import evaluate_streamed
+
+        metrics["test"], gates["test"] = evaluate_streamed(cfg, schema, trainer.model)
     n = source.rows  # rows trained per epoch
     result = {
         **metrics,

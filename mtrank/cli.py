@@ -57,10 +57,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from model.train import load_run
 
     cfg, schema, model = load_run(args.run_dir)
-    _, val_df, test_df = load_frames(cfg)
     result: dict = {"gates": {}}
+    if cfg.data.stream is None:
+        _, val_df, test_df = load_frames(cfg)
+    else:  # streamed train data is never read here; validation in memory, test streamed
+        from model.data import needed_columns, read_files
+        from model.stream import evaluate_streamed
+
+        val_df, test_df = read_files(cfg.data, cfg.data.validation, needed_columns(cfg)), None
+        if cfg.data.test:
+            result["test"], result["gates"]["test"] = evaluate_streamed(cfg, schema, model)
     for name, df in (("validation", val_df), ("test", test_df)):
-        if len(df):
+        if df is not None and len(df):
             split = encode_split(cfg, schema, df)
             result[name], result["gates"][name] = evaluate_split(cfg, model, split, to_tensors(split))
     print(json.dumps(result, indent=1) if args.json else format_table(result))

@@ -92,9 +92,10 @@ class DataConfig(_Strict):
                              "into seeded validation and test fractions)")
         if self.format == "csv":
             raise ValueError("data.format: data.stream reads Parquet only, not 'csv'")
-        for i, entry in enumerate(self.train):
-            if entry.lower().endswith((".csv", ".csv.gz", ".gz", ".tsv", ".txt")):
-                raise ValueError(f"data.train.{i}: data.stream reads Parquet only, not {entry!r}")
+        for where, entries in (("train", self.train), ("test", self.test)):
+            for i, entry in enumerate(entries):
+                if entry.lower().endswith((".csv", ".csv.gz", ".gz", ".tsv", ".txt")):
+                    raise ValueError(f"data.{where}.{i}: data.stream reads Parquet only, not {entry!r}")
         return self
 
     def resolve(self, path: str) -> Path:

@@ -106,6 +106,10 @@ def test_streamed_data_needs_validation_files_and_parquet() -> None:
     with pytest.raises(ConfigError, match=r"data\.train\.0: data\.stream reads Parquet only, not 'x\.csv'"):
         parse_config(raw)
     raw["data"]["train"] = ["days/", "more/*.parquet"]
+    raw["data"]["test"] = ["test.csv.gz"]
+    with pytest.raises(ConfigError, match=r"data\.test\.0: data\.stream reads Parquet only, not 'test\.csv\.gz'"):
+        parse_config(raw)
+    raw["data"]["test"] = ["test/"]
     cfg = parse_config(raw)
     assert cfg.data.stream is not None and cfg.data.stream.shuffle_buffer == 200_000
     assert cfg.data.stream.fit_sample_rows is None and cfg.data.stream.prefetch
