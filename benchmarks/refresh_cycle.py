@@ -35,25 +35,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import log, write_docs  # noqa: E402
+from model.synthetic import write_refresh_days  # noqa: E402
 
 START, END = "<!-- refresh-cycle:start -->", "<!-- refresh-cycle:end -->"
 TASKS = ("ctr", "like", "ctcvr")
-
-
-def make_world(root: Path, old_rows: int, day_rows: int) -> None:
-    import numpy as np
-
-    from model.synthetic import corrupt_labels, drift, generate
-
-    df = generate(old_rows + 3 * day_rows, seed=0)
-    df.iloc[:old_rows].to_parquet(root / "old.parquet")
-    new = drift(df.iloc[old_rows:].reset_index(drop=True), seed=1)
-    for i, rows in enumerate(np.array_split(np.arange(len(new)), 3)):
-        part = new.iloc[rows]
-        for kind, frame in (("data", part), ("corrupt", corrupt_labels(part, seed=2) if i < 2 else part)):
-            d = root / kind / f"day=2026-11-{24 + i}"
-            d.mkdir(parents=True)
-            frame.to_parquet(d / "part-0.parquet")
 
 
 def refresh_yaml(root: Path, seed: int, data: str, epochs: int) -> Path:
@@ -154,7 +139,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mtrank-refresh-") as tmp:
         root = Path(tmp)
-        make_world(root, args.old_rows, args.day_rows)
+        write_refresh_days(root, args.old_rows, args.day_rows)
         results = []
         for seed in range(args.seeds):
             results.append(run_seed(root, seed, args.base_epochs, args.epochs))

@@ -298,3 +298,21 @@ def corrupt_labels(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     for col in ("click", "like", "purchase"):
         out[col] = out[col].to_numpy()[rng.permutation(len(out))]
     return out
+
+
+def write_refresh_days(root: str | Path, old_rows: int, day_rows: int, days: int = 3) -> Path:
+    """The refresh demo's data under ``root`` (tests/test_refresh.py, benchmarks/refresh_cycle.py): ``old.parquet``
+    (``old_rows`` of one synthetic world) and the ``days`` days after it, :func:`drift`-ed, as hive partitions
+    ``data/day=2026-11-24/part-0.parquet`` ...; ``corrupt/`` holds the same days with every day but the last
+    (the holdout) :func:`corrupt_labels`-ed. Returns ``root``."""
+    root = Path(root)
+    df = generate(old_rows + days * day_rows, seed=0)
+    df.iloc[:old_rows].to_parquet(root / "old.parquet")
+    new = drift(df.iloc[old_rows:].reset_index(drop=True), seed=1)
+    for i, rows in enumerate(np.array_split(np.arange(len(new)), days)):
+        part = new.iloc[rows]
+        for kind, frame in (("data", part), ("corrupt", corrupt_labels(part, seed=2) if i < days - 1 else part)):
+            d = root / kind / f"day=2026-11-{24 + i}"
+            d.mkdir(parents=True)
+            frame.to_parquet(d / "part-0.parquet")
+    return root

@@ -23,20 +23,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (``model.synthetic.drift``: a new device, a category losing clicks) in three day partitions, and the same
     days with the two training partitions' labels permuted (``corrupt/``)."""
     from model.export import export_run
-    from model.synthetic import corrupt_labels, drift, generate
+    from model.synthetic import write_refresh_days
     from model.train import train
 
-    root = tmp_path_factory.mktemp("refresh")
-    df = generate(ROWS_OLD + ROWS_NEW, seed=0)
-    old = df.iloc[:ROWS_OLD]
-    new = drift(df.iloc[ROWS_OLD:].reset_index(drop=True), seed=1)
-    old.to_parquet(root / "old.parquet")
-    for i, rows in enumerate(np.array_split(np.arange(len(new)), 3)):
-        part = new.iloc[rows]
-        for kind, frame in (("data", part), ("corrupt", corrupt_labels(part, seed=2) if i < 2 else part)):
-            d = root / kind / f"day=2026-11-{24 + i}"
-            d.mkdir(parents=True)
-            frame.to_parquet(d / "part-0.parquet")
+    root = write_refresh_days(tmp_path_factory.mktemp("refresh"), ROWS_OLD, ROWS_NEW // 3)
     train(demo_config(root / "old.parquet", ["train.epochs=3"]), root / "runs" / "base")
     export_run(root / "runs" / "base", root / "bundles", version="base")
     return root
