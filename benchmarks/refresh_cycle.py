@@ -76,7 +76,7 @@ def run_seed(root: Path, seed: int, base_epochs: int, epochs: int) -> dict[str, 
     rc = load_refresh_config(root / f"refresh-data-{seed}.yaml")
     base_cfg, _, _ = load_run(root / f"runs-{seed}" / "base")
     train_files, holdout_files = resolve_window(rc)
-    scratch_cfg = window_config(base_cfg, rc, train_files, holdout_files)
+    scratch_cfg = window_config(base_cfg, rc, train_files)
     t0 = time.perf_counter()
     train(scratch_cfg, root / f"runs-{seed}" / "scratch")
     scratch_s = time.perf_counter() - t0

@@ -269,11 +269,12 @@ def _reason(c: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------------------- cycle
 
 
-def window_config(cfg: Config, rc: RefreshConfig, train_files: list[Path], holdout_files: list[Path]) -> Config:
-    """The run's config with the window as its data (holdout = the test split) and the fine-tuning settings."""
+def window_config(cfg: Config, rc: RefreshConfig, train_files: list[Path]) -> Config:
+    """The run's config with the window's train files as its data and the fine-tuning settings. No test split:
+    the holdout is scored once, by the gate, through both bundles (``score_bundle``)."""
     raw = cfg.model_dump(mode="json")
     data = raw["data"]
-    data.update(train=[str(p) for p in train_files], validation=[], test=[str(p) for p in holdout_files],
+    data.update(train=[str(p) for p in train_files], validation=[], test=[],
                 split={**data["split"], "source": "train", "validation_fraction": rc.train.validation_fraction,
                        "test_fraction": 0.0})
     data.pop("stream", None)  # a window is read in memory
@@ -327,7 +328,7 @@ def refresh_once(rc: RefreshConfig, now: dt.datetime | None = None) -> dict[str,
     active_dir, active, parent_run = _active(bundles)
     cfg, schema, model = load_run(parent_run)
     train_files, holdout_files = resolve_window(rc)
-    run_cfg = window_config(cfg, rc, train_files, holdout_files)
+    run_cfg = window_config(cfg, rc, train_files)
     run_dir = rc.path(rc.runs) / f"refresh-{now:%Y%m%d-%H%M%S}"
     window = {"train": [str(p) for p in train_files], "holdout": [str(p) for p in holdout_files]}
     metrics = train(run_cfg, run_dir, WarmStart(schema, model.state_dict(), extend_vocab=rc.train.extend_vocab))
