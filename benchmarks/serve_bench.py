@@ -382,9 +382,8 @@ class Server:
         self.cfg = cfg
         self.port = free_port()
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "mtrank.cli", "serve", "--bundles", str(bundles), "--port", str(self.port)]
-        if cfg.workers > 1:
-            cmd += ["--workers", str(cfg.workers)]
+        cmd = [sys.executable, "-m", "mtrank.cli", "serve", "--bundles", str(bundles), "--port", str(self.port),
+               "--workers", str(cfg.workers)]
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("MTRANK_") and k not in ("PROMETHEUS_MULTIPROC_DIR", "OPENBLAS_CORETYPE")}
         env.update(cfg.env, PYTHONPATH=str(cfg.tree))

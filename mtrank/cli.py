@@ -173,6 +173,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer or auto, got {text!r}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.main import serve
 
@@ -329,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundles", required=True, help="bundles directory")
     p.add_argument("--host", help="default: config file / $MTRANK_HOST / 127.0.0.1")
     p.add_argument("--port", type=int, help="default: config file / $MTRANK_PORT / 8000")
-    p.add_argument("--workers", type=int, help="uvicorn worker processes (prometheus multiprocess mode when > 1)")
+    p.add_argument("--workers", type=_workers, help="uvicorn worker processes (prometheus multiprocess mode when > 1), "
+                   "or auto: one per available core (the default, with onnx.intra_op_threads shared out to match)")
     p.add_argument("--config", help="service YAML config (also $MTRANK_CONFIG)")
     p.set_defaults(func=cmd_serve)
 

@@ -43,17 +43,75 @@ def fnv1a64(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=str)
     if values.size == 0:
         return np.zeros(values.shape, dtype=np.uint64)
-    uniq, inverse = np.unique(values, return_inverse=True)
-    raw = np.char.encode(uniq, "utf-8", "surrogatepass")  # dtype S{w}, zero padded
-    width = raw.dtype.itemsize
-    mat = np.frombuffer(raw.tobytes(), dtype=np.uint8).reshape(len(uniq), width)
-    lengths = np.char.str_len(raw)
+    if values.size > _UNIQUE_FROM:  # a training column: hash each distinct value once (sorting costs less)
+        uniq, inverse = np.unique(values, return_inverse=True)
+    else:  # a request's column: sorting would cost more than hashing repeats
+        uniq, inverse = values.ravel(), None
+    points = uniq.view(np.uint32).reshape(len(uniq), -1)  # code points [u, w], zero padded
+    if points.size and points.max() < 0x80:  # ASCII (the common case): the UTF-8 bytes are the code points
+        mat, lengths = points, np.char.str_len(uniq)
+    else:
+        raw = np.char.encode(uniq, "utf-8", "surrogatepass")  # dtype S{w}, zero padded (a Python call per value)
+        mat = np.frombuffer(raw.tobytes(), dtype=np.uint8).reshape(len(uniq), raw.dtype.itemsize)
+        lengths = np.char.str_len(raw)
+    width = int(lengths.max())  # not the dtype width: astype(str) of int64 pads to 21
     h = np.full(len(uniq), FNV_OFFSET, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(width):  # loop over byte positions, vectorised over values
             active = lengths > j
             h = np.where(active, (h ^ mat[:, j].astype(np.uint64)) * FNV_PRIME, h)
-    return h[inverse].reshape(values.shape)
+    return (h if inverse is None else h[inverse]).reshape(values.shape)
+
+
+_UNIQUE_FROM = 1 << 16
+_POW10 = np.array([10**k for k in range(20)], dtype=np.uint64)  # 10**19 < 2**64
+
+
+def fnv1a64_decimal(x: np.ndarray) -> np.ndarray:
+    """int64 [n] -> uint64 [n]: ``fnv1a64`` of each value's decimal string (``str(int(v))``: ``-`` then the digits,
+    no leading zeros), computed from the digits without making strings."""
+    x = np.asarray(x, dtype=np.int64)
+    neg = x < 0
+    a = np.where(neg, -(x + 1), x).astype(np.uint64) + neg  # |x|, also for -2**63
+    digits = np.maximum(np.searchsorted(_POW10, a, side="right"), 1)  # 10**(d-1) <= a < 10**d
+    h = np.full(x.shape, FNV_OFFSET, dtype=np.uint64)  # uint64 array arithmetic wraps silently (no errstate needed)
+    if neg.any():
+        h = np.where(neg, (h ^ np.uint64(ord("-"))) * FNV_PRIME, h)
+    for k in range(int(digits.max(initial=1)) - 1, -1, -1):  # the digit of 10**k, most significant first
+        digit = (a // _POW10[k]) % np.uint64(10) + np.uint64(ord("0"))
+        h = np.where(digits > k, (h ^ digit) * FNV_PRIME, h)  # values with fewer digits skip leading positions
+    return h
+
+
+def hash_columns(columns: Sequence[Sequence[Any] | np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw value columns, F of [n] -> (``fnv1a64`` of each canonical string, uint64 [F, n]; missing, bool [F, n]).
+
+    Integer columns (an int64 array, or a list of Python ints: JSON ids) are hashed together from their digits
+    (``fnv1a64_decimal``), the others together through ``canonical_strings``: two hashing calls for any number of
+    columns, since for a request's few hundred values a call costs more than its values."""
+    as_ints = {k: a for k, col in enumerate(columns) if (a := _int64(col)) is not None}
+    ints, texts = list(as_ints), [k for k in range(len(columns)) if k not in as_ints]
+    hashes = np.empty((len(columns), n), dtype=np.uint64)
+    missing = np.zeros((len(columns), n), dtype=bool)
+    if ints:
+        hashes[ints] = fnv1a64_decimal(np.stack(list(as_ints.values())))
+    if texts:
+        canonical = [canonical_strings(columns[k]) for k in texts]
+        hashes[texts] = fnv1a64(np.concatenate([strings for strings, _ in canonical])).reshape(len(texts), n)
+        missing[texts] = [m for _, m in canonical]
+    return hashes, missing
+
+
+def _int64(col: Sequence[Any] | np.ndarray) -> np.ndarray | None:
+    """An integer column (int64 array, or Python ints within int64) as int64 [n]; None for any other column."""
+    if isinstance(col, np.ndarray):
+        return col if col.dtype.kind == "i" and col.ndim == 1 else None
+    if not col or set(map(type, col)) != {int}:
+        return None
+    try:
+        return np.array(col, dtype=np.int64)
+    except OverflowError:
+        return None
 
 
 def mix64(h: np.ndarray) -> np.ndarray:
@@ -87,16 +145,32 @@ def _canonical(v: Any) -> str | None:
 
 
 def canonical_strings(values: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Values -> (unicode array, missing mask). Missing: None, NaN, empty string."""
-    arr = np.asarray(values, dtype=object) if not isinstance(values, np.ndarray) else values
+    """Values -> (unicode array, missing mask). Missing: None, NaN, empty string.
+
+    Vectorised for the common columns (strings, integers, integral floats, each optionally with missing values);
+    other mixes (booleans, fractional floats) take ``_canonical`` value by value."""
+    arr = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
     if arr.dtype.kind == "U":
         out = arr
-    elif arr.dtype.kind in "iu" or (arr.dtype == object and all(type(v) is str for v in arr.ravel().tolist())):
-        out = arr.astype(str)  # all strings (the common JSON case) or integers: no per-value work
+    elif arr.dtype.kind in "iu":
+        out = arr.astype(str)
+    elif arr.dtype.kind == "f" and np.all(np.isnan(arr) | (arr == np.round(arr))) and np.all(np.abs(arr[~np.isnan(arr)]) < 2**63):
+        out = np.where(np.isnan(arr), 0, arr).astype(np.int64).astype(str)
+        out[np.isnan(arr)] = ""
+    elif arr.dtype == object and arr.size and _NO_CONVERSION.issuperset(types := set(map(type, flat := arr.ravel().tolist()))):
+        if types == {int} and -(2**63) <= min(flat) and max(flat) < 2**63:
+            out = np.array(flat, dtype=np.int64).reshape(arr.shape).astype(str)
+        else:
+            out = np.array(list(map(str, flat)), dtype=str).reshape(arr.shape)  # str() is the canonical form of str and int
+            if type(None) in types:
+                out[arr == None] = ""  # noqa: E711 (elementwise)
     else:
         out = np.array([_canonical(v) or "" for v in arr.ravel()], dtype=str).reshape(arr.shape) if arr.size else np.zeros(arr.shape, dtype="<U1")
     missing = out == ""
     return out, missing
+
+
+_NO_CONVERSION = frozenset({str, int, type(None)})  # exact types whose str() is their canonical string (None: missing)
 
 
 @dataclass(frozen=True)
@@ -216,16 +290,17 @@ def vocab_index(f: FittedFeature) -> VocabIndex:
 
 def encode_categorical(f: FittedFeature, values: Sequence[Any] | np.ndarray, index: VocabIndex | None = None) -> np.ndarray:
     """Raw values [n] -> global embedding rows int64 [n]."""
-    strings, missing = canonical_strings(values)
-    if f.encoding == "vocab":
+    if f.encoding != "vocab":
+        hashes, missing = (a[0] for a in hash_columns([values], len(values)))
+        local = (hashes % np.uint64(f.buckets)).astype(np.int64) + 1
+    else:
+        strings, missing = canonical_strings(values)
         sorted_vocab, order = index if index is not None else vocab_index(f)
         if len(sorted_vocab):
             pos = np.clip(np.searchsorted(sorted_vocab, strings), 0, len(sorted_vocab) - 1)  # binary search, vectorised
             local = np.where(sorted_vocab[pos] == strings, order[pos] + 2, 1)  # known: 2 + index, else OOV 1
         else:
             local = np.ones(len(strings), dtype=np.int64)
-    else:
-        local = (fnv1a64(strings) % np.uint64(f.buckets)).astype(np.int64) + 1
     local[missing] = 0
     return local + f.offset
 
@@ -327,12 +402,30 @@ def encode_numeric(f: FittedFeature, raw: np.ndarray) -> np.ndarray:
     return out
 
 
+def _column(columns: Mapping[str, Any], name: str, n: int) -> Any:
+    """A feature's raw values [n]; an absent feature is all missing."""
+    vals = columns.get(name)
+    return np.full(n, None, dtype=object) if vals is None else vals
+
+
 class FeatureEncoder:
     """Encodes columns of raw values (keyed by feature name) into the model's input arrays."""
 
     def __init__(self, schema: FittedSchema):
         self.schema = schema
         self._vocab = {f.name: vocab_index(f) for f in schema.features if f.encoding == "vocab"}
+        self._hashed = {group: self._hashed_plan(group) for group in SIDES}
+
+    def _hashed_plan(self, group: Group) -> tuple[list[FittedFeature], list[int], np.ndarray, np.ndarray]:
+        """The group's hashed categorical features, their id slots, buckets uint64 [F, 1] and row offsets int64 [F, 1]."""
+        feats, slots, col = [], [], 0
+        for f in self.schema.id_features(group):
+            if f.kind == "categorical" and f.encoding != "vocab":
+                feats.append(f)
+                slots.append(col)
+            col += f.n_slots
+        return (feats, slots, np.array([[f.buckets] for f in feats], dtype=np.uint64).reshape(-1, 1),
+                np.array([[f.offset] for f in feats], dtype=np.int64).reshape(-1, 1))
 
     def encode(self, group: Group, columns: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
         """columns: feature name -> raw values [n] (absent feature = all missing).
@@ -343,15 +436,18 @@ class FeatureEncoder:
         id_feats = self.schema.id_features(group)
         if id_feats:
             ids = np.empty((n, self.schema.n_slots(group)), dtype=np.int64)
+            hashed, slots, buckets, offsets = self._hashed[group]
+            if hashed:  # all hashed columns at once (see hash_columns)
+                h, missing = hash_columns([_column(columns, f.name, n) for f in hashed], n)  # [F, n]
+                local = (h % buckets).astype(np.int64) + 1
+                local[missing] = 0
+                ids[:, slots] = (local + offsets).T
             col = 0
             for f in id_feats:
-                vals = columns.get(f.name)
-                if vals is None:
-                    vals = np.full(n, None, dtype=object)
-                if f.kind == "categorical":
-                    ids[:, col] = encode_categorical(f, vals, self._vocab.get(f.name))
-                else:
-                    ids[:, col : col + f.max_len] = encode_multi(f, vals)
+                if f.kind == "categorical" and f.encoding == "vocab":
+                    ids[:, col] = encode_categorical(f, _column(columns, f.name, n), self._vocab.get(f.name))
+                elif f.kind != "categorical":
+                    ids[:, col : col + f.max_len] = encode_multi(f, _column(columns, f.name, n))
                 col += f.n_slots
             out[f"{group}_ids"] = ids
         dense_feats = self.schema.dense_features(group)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import pydantic_core
+import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,13 +30,14 @@ from service.feedback.log import FeedbackLog
 from service.metrics import Metrics
 from service.monitor import Monitor
 from service.observe import Observability
+from service.rank_body import parse_rank
 from service.registry import Registry, ReloadError
 from service.schemas import (
     ErrorResponse,
     FeedbackRequest,
     FeedbackResponse,
     ModelsResponse,
-    RankRequest,
+    RankOptions,
     RankResponse,
     ReloadRequest,
     ReloadResponse,
@@ -135,22 +136,20 @@ def new_request_id() -> str:
     return f"{_request_ids.getrandbits(128):032x}"
 
 
-def _check_candidates(req: RankRequest, max_candidates: int) -> list[str]:
-    n = len(req.candidates)
+def _check_candidates(item_ids: list[str], max_candidates: int) -> None:
+    n = len(item_ids)
     if n > max_candidates:
         raise InputError(("body", "candidates"), f"{n} candidates exceed the limit of {max_candidates}")
-    ids = [c.item_id for c in req.candidates]
-    if len(set(ids)) != n:
+    if len(set(item_ids)) != n:
         first: dict[str, int] = {}
-        for j, i in enumerate(ids):
+        for j, i in enumerate(item_ids):
             if i in first:
                 raise InputError(("body", "candidates", j, "item_id"),
                                  f"duplicate item_id {i!r} (also at candidates.{first[i]})")
             first[i] = j
-    return ids
 
 
-def _choose_fusion(svc: Services, model: Model, req: RankRequest, request_id: str
+def _choose_fusion(svc: Services, model: Model, req: RankOptions, request_id: str
                    ) -> tuple[fusion_mod.Fusion, str, str | None]:
     s = svc.settings
     if req.fusion is not None:
@@ -164,20 +163,25 @@ def _choose_fusion(svc: Services, model: Model, req: RankRequest, request_id: st
     return model.profiles[profile], profile, arm
 
 
-def _json(body: dict[str, Any], background: BackgroundTask | None = None) -> Response:
-    """Serialise a response we built ourselves (shape = RankResponse) straight to JSON bytes in
-    pydantic-core: ~4x cheaper than re-validating 1000 items against the response model."""
-    return Response(pydantic_core.to_json(body), media_type="application/json", background=background)
+def _json(body: dict[str, Any], background: BackgroundTask | None = None, status_code: int = 200) -> Response:
+    """Serialise a response we built ourselves (shape = RankResponse, or ErrorResponse) straight to JSON bytes with
+    orjson: 3x pydantic-core's ``to_json``, itself ~4x cheaper than validating the items against the model."""
+    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json", background=background)
 
 
-@router.post("/rank", response_model=RankResponse, tags=["ranking"],
+_RANK_BODY = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RankRequest"}}}}
+
+
+@router.post("/rank", response_model=RankResponse, tags=["ranking"], openapi_extra={"requestBody": _RANK_BODY},
              responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "request_id already used (ids are single-use)"}},
              summary="Rank candidates for one request")
-async def rank_items(req: RankRequest, svc: ServicesDep, model: ModelDep) -> Response:
+async def rank_items(request: Request, svc: ServicesDep, model: ModelDep) -> Response:
     """Scores every candidate for every task with the active bundle, fuses the calibrated scores
     with the chosen profile (request ``fusion``, else the user's experiment arm, else the default
     profile) and returns them best first."""
-    item_ids = _check_candidates(req, svc.settings.limits.max_candidates)
+    body = parse_rank(await request.body(), request.headers.get("content-type"))  # the body as RankRequest documents it
+    req, item_ids = body.options, body.item_ids
+    _check_candidates(item_ids, svc.settings.limits.max_candidates)
     request_id = req.request_id or new_request_id()
     fusion, fusion_name, arm = _choose_fusion(svc, model, req, request_id)
     n = len(item_ids)
@@ -189,7 +193,7 @@ async def rank_items(req: RankRequest, svc: ServicesDep, model: ModelDep) -> Res
                             svc.settings.limits.unknown_features == "reject")  # same 422s as with items
         return _json({**base, "degraded": False, "items": []})
     store = await svc.store.fetch(req.user_id, item_ids, model.has_user_features, model.has_item_features)
-    inp = RankInput(req.user_id, req.context, item_ids, [c.features for c in req.candidates])
+    inp = RankInput(req.user_id, req.context, item_ids, body.item_features, body.columns)
     loop = asyncio.get_running_loop()
     ranked, logged = await loop.run_in_executor(svc.executor, _rank_observed, svc, model, inp, store, fusion,
                                                 req.top_k, arm, request_id)
@@ -223,8 +227,7 @@ def _request_id_reused(request_id: str) -> Response:
     """409 for a request id the prediction log already holds (ids are single-use: docs/service.md, "/feedback")."""
     msg = (f"request_id {request_id!r} was already used by a ranked request; request ids are single-use "
            "(send a new one, or none to have one generated)")
-    body = error_body([{"loc": ("body", "request_id"), "msg": msg, "type": "request_id_reused"}])
-    return Response(pydantic_core.to_json(body), status_code=409, media_type="application/json")
+    return _json(error_body([{"loc": ("body", "request_id"), "msg": msg, "type": "request_id_reused"}]), status_code=409)
 
 
 async def _after_rank(svc: Services, inp: RankInput, store: StoreResult, fusion: str, ranked: Ranked) -> None:

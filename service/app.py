@@ -40,6 +40,7 @@ from service.metrics import Metrics, MetricsMiddleware, multiprocess_dir
 from service.monitor import Monitor
 from service.observe import Observability
 from service.openapi import install_contract, install_docs
+from service.rank_body import is_json
 from service.registry import Registry, ReloadError
 from service.scorer import InputError
 from service.settings import GCSettings, Settings
@@ -92,12 +93,6 @@ def _line_col(doc: str, pos: int) -> tuple[int, int]:
     return doc.count("\n", 0, pos) + 1, pos - line_start + 1
 
 
-def _is_json(content_type: str | None) -> bool:
-    """What FastAPI parses as JSON: application/json or application/*+json (parameters ignored)."""
-    media = (content_type or "").split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
-
-
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 body ``{"detail": [{loc, msg, type}], "message"}``, with three rewrites of FastAPI's errors:
 
@@ -108,7 +103,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     """
     errors = list(exc.errors())
     body = getattr(exc, "body", None)
-    if isinstance(body, bytes | bytearray) and not _is_json(request.headers.get("content-type")):
+    if isinstance(body, bytes | bytearray) and not is_json(request.headers.get("content-type")):
         got = request.headers.get("content-type")
         return JSONResponse(error_body([{
             "loc": ("body",), "type": "content_type",

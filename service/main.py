@@ -61,7 +61,7 @@ def _shared_feedback_file(settings: Settings) -> None:
 
 
 def serve(bundles_dir: str | Path, host: str | None = None, port: int | None = None,
-          config_path: str | Path | None = None, workers: int | None = None) -> None:
+          config_path: str | Path | None = None, workers: int | str | None = None) -> None:
     """Serve ``bundles_dir`` over HTTP until interrupted. Arguments given win over env, env over the config file."""
     import uvicorn
 
@@ -73,6 +73,8 @@ def serve(bundles_dir: str | Path, host: str | None = None, port: int | None = N
     if settings.workers > 1:
         os.environ["MTRANK_BUNDLES_DIR"] = str(settings.bundles_dir)
         os.environ["MTRANK_HOST"], os.environ["MTRANK_PORT"] = settings.host, str(settings.port)
+        os.environ["MTRANK_WORKERS"] = str(settings.workers)  # the workers' onnx threads: cores per worker
+        os.environ["MTRANK_ONNX__INTRA_OP_THREADS"] = str(settings.onnx.intra_op_threads)
         if config_path:
             os.environ["MTRANK_CONFIG"] = str(Path(config_path).resolve())
         _multiprocess_dir()

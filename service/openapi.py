@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.openapi.models import Schema
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import json_schema
 
-from service.schemas import RUNTIME_CHECK
+from service.schemas import RUNTIME_CHECK, RankRequest
 from service.settings import DEFAULT_PROFILE, Settings
 
 ASSETS_URL = "/docs-assets"
@@ -95,10 +98,13 @@ def add_links(doc: dict[str, Any]) -> None:
 
 
 def apply_limits(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Write the settings-dependent constraints (module docstring) and ``LINKS`` into an OpenAPI document,
-    in place."""
+    """Write the request models that handlers parse themselves (``RankRequest``: service.rank_body), the
+    settings-dependent constraints (module docstring) and ``LINKS`` into an OpenAPI document, in place."""
     add_links(doc)
     schemas = doc["components"]["schemas"]
+    _, defs = json_schema.models_json_schema([(RankRequest, "validation")], ref_template="#/components/schemas/{model}")
+    schemas.update({name: jsonable_encoder(Schema(**schema), by_alias=True, exclude_none=True)  # as FastAPI does
+                    for name, schema in defs["$defs"].items()})
     limits = settings.limits
     schemas["RankRequest"]["properties"]["candidates"]["maxItems"] = limits.max_candidates
     schemas["FeedbackRequest"]["properties"]["events"]["maxItems"] = limits.max_feedback_events

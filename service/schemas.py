@@ -66,7 +66,7 @@ def _scalar(v: Any) -> Any:
     return v
 
 
-def _feature_value(v: Any) -> Any:
+def feature_value(v: Any) -> Any:
     """One feature value; called for every value of every candidate, so kept lean."""
     if type(v) is list:
         if len(v) > MAX_LIST:
@@ -87,7 +87,7 @@ FEATURE_CHECK = ("the loaded bundle's schema: a numeric feature takes a number, 
                  "scalar, not a list; with limits.unknown_features: reject, a name outside the schema is refused. "
                  "A violation is a 422 naming the feature")
 FeatureValue = Annotated[
-    Any, BeforeValidator(_feature_value),
+    Any, BeforeValidator(feature_value),
     WithJsonSchema({"anyOf": [*_SCALAR_SCHEMA["anyOf"], {"type": "array", "maxItems": MAX_LIST, "items": _SCALAR_SCHEMA}],
                     RUNTIME_CHECK: FEATURE_CHECK}),
 ]
@@ -112,17 +112,22 @@ class Candidate(_Req):
     features: Features = Field(default_factory=dict, description="Item-side features by schema feature name")
 
 
-class RankRequest(_Req):
+class RankOptions(_Req):
+    """Everything of a /rank body but its candidates (``service.rank_body`` checks those column by column)."""
+
     request_id: Id | None = Field(None, description="Generated (32 random hex digits) when absent; joins /feedback")
     user_id: Id | None = Field(None, description="Feeds a user feature named user_id; keys the feature store and arms")
     context: Features = Field(default_factory=dict, description="User/context-side features by feature name")
-    candidates: list[Candidate] = Field(description="Items to rank; empty list -> empty items (200)")
     top_k: Annotated[int, Field(strict=True, ge=1), BeforeValidator(_json_integer)] | None = Field(
         None, description="Return the best k (default: all)")
     fusion: str | None = Field(None, min_length=1, max_length=4096,
                                description="Fusion profile name, or an expression when fusion.allow_request_expressions")
     return_task_scores: bool = Field(True, strict=True, description="false: task_scores is null")
     raw_scores: bool = Field(False, strict=True, description="Per-task scores before calibration")
+
+
+class RankRequest(RankOptions):
+    candidates: list[Candidate] = Field(description="Items to rank; empty list -> empty items (200)")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "request_id": "r1", "user_id": "u42", "context": {"device": "ios", "hour": 21},

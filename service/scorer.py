@@ -35,7 +35,7 @@ from mtrank.encoding import FeatureEncoder, FittedFeature, numeric_value
 from mtrank.signing import Trust
 from service import fusion as fusion_mod
 from service.feature_store import EMPTY, Row, StoreResult
-from service.settings import DEFAULT_PROFILE, FusionSettings, OnnxSettings
+from service.settings import DEFAULT_PROFILE, FusionSettings, OnnxSettings, available_cores
 
 log = logging.getLogger("mtrank.service.scorer")
 
@@ -60,6 +60,7 @@ class RankInput:
     context: Mapping[str, Any]
     item_ids: list[str]  # [n], unique
     item_features: list[Mapping[str, Any]]  # [n]
+    columns: Mapping[str, list[Any]] | None = None  # item_features by name, every name sent ([n], None = not sent)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def make_session(path: Path, s: OnnxSettings) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = s.intra_op_threads
+    opts.intra_op_num_threads = available_cores() if s.intra_op_threads == "auto" else s.intra_op_threads
     opts.inter_op_num_threads = s.inter_op_threads
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -192,7 +193,7 @@ class Model:
         extra = set(inp.context) - self.request_names
         if extra:
             raise InputError(("body", "context", min(extra)), "unknown feature (not in the model's request-side schema)")
-        names = set().union(*inp.item_features) if inp.item_features else set()
+        names = set(inp.columns) if inp.columns is not None else set().union(*inp.item_features)
         extra = names - self.item_names
         if extra:
             bad = min(extra)
@@ -232,21 +233,26 @@ class Model:
     def item_columns(self, inp: RankInput, rows: Sequence[Row]) -> dict[str, Any]:
         """feature name -> [n] raw values: candidate features, else store rows, else missing."""
         feats = inp.item_features  # [n] dicts
+        sent = inp.columns
         cols: dict[str, Any] = {}
         for f in self.item_features:
             name = f.name
             if name == "item_id":
                 col: list[Any] = inp.item_ids  # the request's item ids feed an item_id feature
+            elif sent is not None and name not in sent:
+                col = [r.get(name) for r in rows] if rows else [None] * len(feats)
             elif rows:
-                col = [v if (v := cf.get(name)) is not None else r.get(name) for cf, r in zip(feats, rows)]
+                given = sent[name] if sent is not None else [cf.get(name) for cf in feats]
+                col = [v if v is not None else r.get(name) for v, r in zip(given, rows)]
             else:
-                col = [cf.get(name) for cf in feats]
+                col = sent[name] if sent is not None else [cf.get(name) for cf in feats]
             if f.kind == "numeric":
                 cols[name] = self._numeric_column(f, col, feats)
             elif f.kind == "categorical":
-                if all(type(v) is str for v in col):
+                types = set(map(type, col))
+                if types == {str}:
                     col = np.array(col)  # unicode [n]: the encoder's fast path (no per-value canonicalisation)
-                elif any(type(v) is list for v in col):
+                elif list in types:
                     col = self._repair(f, col, feats, _is_scalar, "a single value (not a list)")
                 cols[name] = col
             else:

@@ -19,7 +19,16 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mtrank.bundle import BundleError, check_version_name
@@ -43,8 +52,35 @@ class LimitsSettings(_S):
     unknown_features: Literal["ignore", "reject"] = "ignore"  # feature names the schema does not know
 
 
+def available_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (a container's ``cpus``),
+    rounded down, at least 1."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def _count_or_auto(v: Any) -> int | str:
+    if v == "auto":
+        return "auto"
+    if type(v) is int or (type(v) is str and v.isdigit()):
+        if int(v) >= 0:
+            return int(v)
+    raise ValueError(f"an integer >= 0 or auto, got {v!r}")
+
+
+CountOrAuto = Annotated[int | Literal["auto"], PlainValidator(_count_or_auto)]
+
+
 class OnnxSettings(_S):
-    intra_op_threads: int = Field(1, ge=0)  # 0 = onnxruntime's default (all cores)
+    # auto: the available cores shared out among the workers (Settings resolves it; standalone: all of them);
+    # 0 = onnxruntime's default (all cores)
+    intra_op_threads: CountOrAuto = "auto"
     inter_op_threads: int = Field(1, ge=0)
     executor_threads: int = Field(2, gt=0)  # threads running encode + inference off the event loop
     allow_spinning: bool = False  # busy-wait in the thread pool: lower latency, burns CPU
@@ -311,7 +347,7 @@ class Settings(BaseSettings):
     bundles_dir: Path = Path("bundles")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, gt=0)  # uvicorn worker processes (Prometheus multiprocess mode when > 1)
+    workers: int = Field(gt=0)  # uvicorn worker processes (Prometheus multiprocess mode when > 1); auto (default): cores
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     limits: LimitsSettings = LimitsSettings()
     onnx: OnnxSettings = OnnxSettings()
@@ -326,6 +362,29 @@ class Settings(BaseSettings):
     gc: GCSettings = GCSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     shadow: ShadowSettings = ShadowSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_parallelism(cls, data: Any) -> Any:
+        """``workers: auto`` (the default) = ``available_cores()``; ``onnx.intra_op_threads: auto`` (the default) =
+        the cores per worker (at least 1), so the workers' ONNX Runtime threads do not oversubscribe the machine."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        cores = available_cores()
+        if data.get("workers", "auto") == "auto":
+            data["workers"] = cores
+        onnx = data.get("onnx", {})
+        auto = onnx.intra_op_threads if isinstance(onnx, OnnxSettings) else onnx.get("intra_op_threads", "auto") \
+            if isinstance(onnx, dict) else None
+        try:
+            threads = max(1, cores // int(data["workers"]))
+        except (TypeError, ValueError, ZeroDivisionError):
+            return data  # a bad workers value: its own error names it
+        if auto == "auto":
+            data["onnx"] = onnx.model_copy(update={"intra_op_threads": threads}) if isinstance(onnx, OnnxSettings) \
+                else {**onnx, "intra_op_threads": threads}
+        return data
 
     @model_validator(mode="after")
     def _experiments(self) -> Settings:

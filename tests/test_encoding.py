@@ -13,6 +13,8 @@ from mtrank.encoding import (
     FittedSchema,
     canonical_strings,
     fnv1a64,
+    fnv1a64_decimal,
+    hash_columns,
     numeric_value,
     to_float,
 )
@@ -41,6 +43,25 @@ def test_fnv1a64_hashes_lone_surrogates_as_surrogatepass_bytes() -> None:
     enc = FeatureEncoder(_schema())
     out = enc.encode("item", {"tags": [["\ud800", "x"], "y|\udc00"]}, 2)["item_ids"]
     assert (out[:, :2] > 0).all()
+
+
+def test_integers_hash_from_their_digits_as_their_decimal_strings() -> None:
+    """fnv1a64_decimal (no strings made) = fnv1a64 of str(int); hash_columns takes that path for integer columns
+    (int64 arrays, lists of Python ints) and canonical strings for the rest, with the same result either way."""
+    rng = np.random.default_rng(0)
+    edges = [0, 1, -1, 9, 10, -10, 99, 100, 10**18 - 1, 10**18, 2**63 - 1, -(2**63)]
+    ints = edges + rng.integers(-(2**63), 2**63 - 1, 500).tolist() + rng.integers(-5, 10**6, 500).tolist()
+    want = [_fnv_reference(str(v).encode()) for v in ints]
+    assert fnv1a64_decimal(np.array(ints, dtype=np.int64)).tolist() == want
+    columns = [ints, np.array(ints, dtype=np.int64), [str(v) for v in ints], [float(v) for v in edges[:9]] * 113,
+               [None, 2**64] + ints[2:], [True, 7] + ints[2:]]
+    n = len(ints)
+    hashes, missing = hash_columns([c[:n] for c in columns], n)
+    for k, col in enumerate(columns):
+        strings, miss = canonical_strings(col[:n])
+        assert hashes[k].tolist() == fnv1a64(strings).tolist(), k
+        assert missing[k].tolist() == miss.tolist(), k
+    assert missing[4, 0] and not missing[4, 1:].any()
 
 
 def test_numeric_value_rule() -> None:
