@@ -9,7 +9,7 @@ models (``benchmarks/production_model.py``: 26 categorical features x 16 dims + 
 * ``concat``  the formulation before it (x = [request broadcast, item] @ W), exported from the same weights with
   a subclass used only here (``Concatenated``);
 
-each fp32 and int8 (``model.export.quantize_int8``). Every session is ``mtrank.bundle.cpu_session`` with one
+each fp32 and int8 (``model.export.quantize_int8``). Every session is ``mtrank.onnx_load.cpu_session`` with one
 intra-op thread. The run first measures the machine's fp32 GEMM rate in ORT for the model's widest shape (a MatMul
 [B, I] x [I, 8 * 256]), then times every (model, graph, B) round-robin: warm-up, then ``--runs`` timed runs each,
 medians. Multiply-adds are counted from an ORT profile of each graph at each B (every MatMul / Gemm / Einsum node as
@@ -179,7 +179,7 @@ def render(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
     lines = [START, "## Model speed: split first layer and int8 in ONNX Runtime (production-size MMoE and PLE)", "",
              f"Generated {res['generated']} in {res['minutes']:.1f} min with:", "", "```bash", command, "```", "",
              f"Machine: {res['machine']}. Load average (1 min) {res['load_before']:.2f} before timing, "
-             f"{res['load_after']:.2f} after; one intra-op thread (`mtrank.bundle.cpu_session`), one process.", "",
+             f"{res['load_after']:.2f} after; one intra-op thread (`mtrank.onnx_load.cpu_session`), one process.", "",
              f"Models: `benchmarks/configs/production_{{mmoe,ple}}.yaml` (26 categorical features x 16 dims + 13 "
              f"numeric: I = {res['in_dim']}, request part Ir = {res['request_dim']}; MMoE 8 experts [256, 128]; PLE 2 "
              "levels of 1 task + 3 shared experts [256, 128]; towers [64]; 3 binary tasks), trained 1 epoch on "
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.rows, args.runs, args.warmup = 20_000, 20, 3
-    from mtrank.bundle import cpu_session
+    from mtrank.onnx_load import cpu_session
 
     t_start = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="model-speed-")

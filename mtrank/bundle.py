@@ -37,6 +37,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mtrank.encoding import FittedSchema
+from mtrank.onnx_load import cpu_session
 
 if TYPE_CHECKING:
     from mtrank.signing import Trust
@@ -391,16 +392,6 @@ def check_reference_outputs(bundle_dir: Path, manifest: BundleManifest, golden_o
     for k, batch in enumerate(run_sweep(manifest.schema, ref.sweep_rows, run)):
         last = min(ref.sweep_rows, (k + 1) * SWEEP_BATCH) - 1
         check_outputs(manifest, batch, f"sweep rows {k * SWEEP_BATCH}..{last}")
-
-
-def cpu_session(model_path: str | Path, intra_threads: int = 1) -> Any:
-    """An onnxruntime CPU session (onnxruntime is imported lazily: verifying needs it, reading does not)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = intra_threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def session_runner(sess: Any) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:

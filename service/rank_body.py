@@ -6,9 +6,9 @@ The common body (a JSON object of the documented shape with valid values) takes 
 2. the fields other than ``candidates`` (a few values) through :class:`service.schemas.RankOptions`;
 3. the candidates checked **per column, not per value**: every candidate an object with ``item_id`` (a string of
    1-256 characters) and at most ``features``; then per feature name, the column of its values over the
-   candidates (built once: the scorer takes it as it is) checked with builtins running in C (the set of value
-   types, ``min``/``max`` of lengths and of numbers) against the rules of ``service.schemas``. Only list values
-   (multi-valued features) are checked one by one.
+   candidates (built once: the scorer takes it as it is; an integer column as an int64 array) checked with
+   builtins running in C (the set of value types, ``min``/``max`` of lengths and of numbers) against the rules of
+   ``service.schemas``. Only list values (multi-valued features) are checked one by one.
 
 Anything the fast path does not accept (invalid JSON, a lone surrogate, which orjson refuses, any rule broken,
 another content type) goes through the **checked path**: FastAPI's own body handling (``json.loads``, then
@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -46,7 +47,8 @@ class RankBody:
     options: RankOptions
     item_ids: list[str]  # [n]
     item_features: list[Mapping[str, Any]]  # [n] per candidate, as sent (the scorer's error messages locate values in them)
-    columns: dict[str, list[Any]] | None  # feature name -> [n] values (None: not sent); every name sent. None: not built
+    # feature name -> [n] values (None: not sent; an integer column as int64), every name sent. None: not built
+    columns: dict[str, list[Any] | np.ndarray] | None
 
 
 def is_json(content_type: str | None) -> bool:
@@ -94,34 +96,43 @@ def _fast(doc: dict[str, Any]) -> RankBody | None:
         return None
     columns = {}
     for name in names:
-        col = [f.get(name) for f in feats]
-        if not _valid_column(col):
+        col = _checked_column([f.get(name) for f in feats])
+        if col is None:
             return None
         columns[name] = col
     return RankBody(options, ids, feats, columns)
 
 
-def _valid_column(col: list[Any]) -> bool:
-    """The rules of ``service.schemas.feature_value`` over one column; lists value by value."""
+def _checked_column(col: list[Any]) -> list[Any] | np.ndarray | None:
+    """One feature's values over the candidates, held to the rules of ``service.schemas.feature_value`` (lists value
+    by value); an integer column as int64 [n] (what the encoder hashes from its digits). None when a rule fails."""
     types = set(map(type, col))
+    if types == {int}:
+        try:
+            return np.array(col, dtype=np.int64)  # numpy checks the range [-2**63, 2**63)
+        except OverflowError:
+            return None
     if not _SCALARS.issuperset(types):
         if types - _SCALARS != {list}:
-            return False
+            return None
         try:
             for v in col:
                 if type(v) is list:
                     feature_value(v)
         except PydanticCustomError:
-            return False
-        col = [v for v in col if type(v) is not list]
-    if str in types and max(len(v) for v in col if type(v) is str) > MAX_STR:
-        return False
-    if not types & _NUMBERS:
-        return True
-    numbers = col if types <= _NUMBERS else [v for v in col if type(v) is int or type(v) is float]  # bools: 0 and 1
-    # orjson gives finite floats only (it refuses NaN, Infinity and overflowing literals)
-    # strict at -2**63: orjson turns a smaller integer into the float -2**63 (the checked path decides that value)
-    return not numbers or (-_I64 < min(numbers) and max(numbers) < _I64)
+            return None
+        values = [v for v in col if type(v) is not list]
+    else:
+        values = col
+    if str in types and max(map(len, values) if types == {str} else (len(v) for v in values if type(v) is str)) > MAX_STR:
+        return None
+    if types & _NUMBERS:
+        numbers = values if types <= _NUMBERS else [v for v in values if type(v) is int or type(v) is float]  # bools: 0, 1
+        # orjson gives finite floats only (it refuses NaN, Infinity and overflowing literals); strict at -2**63:
+        # orjson turns a smaller integer into the float -2**63 (the checked path decides that value)
+        if numbers and not (-_I64 < min(numbers) and max(numbers) < _I64):
+            return None
+    return col
 
 
 def _checked(body: bytes, content_type: str | None) -> RankBody:

@@ -32,6 +32,7 @@ import numpy as np
 
 from mtrank.bundle import BundleManifest, Calibration, verify_bundle
 from mtrank.encoding import FeatureEncoder, FittedFeature, numeric_value
+from mtrank.onnx_load import cpu_session
 from mtrank.signing import Trust
 from service import fusion as fusion_mod
 from service.feature_store import EMPTY, Row, StoreResult
@@ -60,7 +61,8 @@ class RankInput:
     context: Mapping[str, Any]
     item_ids: list[str]  # [n], unique
     item_features: list[Mapping[str, Any]]  # [n]
-    columns: Mapping[str, list[Any]] | None = None  # item_features by name, every name sent ([n], None = not sent)
+    # item_features by name, every name sent ([n], None = not sent; an integer column may be int64 [n])
+    columns: Mapping[str, list[Any] | np.ndarray] | None = None
 
 
 @dataclass
@@ -84,18 +86,8 @@ def _is_scalar(v: Any) -> bool:
 
 
 def make_session(path: Path, s: OnnxSettings) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = available_cores() if s.intra_op_threads == "auto" else s.intra_op_threads
-    opts.inter_op_num_threads = s.inter_op_threads
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    spin = "1" if s.allow_spinning else "0"
-    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    threads = available_cores() if s.intra_op_threads == "auto" else s.intra_op_threads
+    return cpu_session(path, threads, s.inter_op_threads, s.allow_spinning)
 
 
 class Model:
@@ -241,6 +233,11 @@ class Model:
                 col: list[Any] = inp.item_ids  # the request's item ids feed an item_id feature
             elif sent is not None and name not in sent:
                 col = [r.get(name) for r in rows] if rows else [None] * len(feats)
+            elif sent is not None and isinstance(sent[name], np.ndarray):  # integers, every candidate's: checked
+                given = sent[name]
+                cols[name] = given.astype(np.float64) if f.kind == "numeric" else \
+                    given if f.kind == "categorical" else given.tolist()
+                continue
             elif rows:
                 given = sent[name] if sent is not None else [cf.get(name) for cf in feats]
                 col = [v if v is not None else r.get(name) for v, r in zip(given, rows)]
