@@ -491,9 +491,11 @@ def checkout(rev: str | None, path: Path) -> Path:
     return path
 
 
-def run_ab(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workdir: Path) -> str:
+def run_ab(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workdir: Path,
+           expect_items: int = HTTP_CANDIDATES) -> str:
     """``--ab BASE [--ab-new NEW]``: 1 worker, 1 intra-op thread, the two revisions alternating round by
-    round; returns the report (per round, then medians and the median of the paired req/s ratios)."""
+    round; returns the report (per round, then medians and the median of the paired req/s ratios and of the
+    server CPU per request)."""
     bodies_path = workdir / "bodies-http.jsonl"
     bodies_path.write_bytes(b"\n".join(bodies) + b"\n")
     env = {"MTRANK_ONNX__INTRA_OP_THREADS": "1"}
@@ -501,27 +503,31 @@ def run_ab(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workdir
     try:
         for key, rev in (("base", args.ab), ("new", args.ab_new)):
             cfgs.append(ServerConfig(key, rev or "working tree", 1, env, checkout(rev, workdir / f"tree-{key}")))
-        rounds = [[run_http_config(cfg, bundles, bodies_path, args, workdir, r) for cfg in cfgs]
+        rounds = [[run_http_config(cfg, bundles, bodies_path, args, workdir, r, expect_items) for cfg in cfgs]
                   for r in range(args.rounds)]
     finally:
         for cfg in cfgs:
             if cfg.tree != ROOT:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(cfg.tree)], check=False)
 
-    def stats(run: dict[str, Any]) -> tuple[float, float, float]:
+    def stats(run: dict[str, Any]) -> tuple[float, float, float, float]:
         if run["errors"] or run["exceptions"]:
             raise RuntimeError(f"{run['config']} round {run['round']}: {run['errors']} errors, {run['exceptions']} exceptions")
         lat = run["latencies"]
-        return run["requests"] / run["elapsed_s"], quantile(lat, 0.5), quantile(lat, 0.99)
+        return (run["requests"] / run["elapsed_s"], quantile(lat, 0.5), quantile(lat, 0.99),
+                sum(run["server_cpu_s"].values()) / run["requests"])
 
-    table = [[stats(run) for run in r] for r in rounds]  # [round][side] -> (req/s, p50 s, p99 s)
-    lines = [f"round {r + 1}: " + "; ".join(f"{cfg.key} {rps:.1f} req/s, p50 {ms(p50)} ms, p99 {ms(p99)} ms"
-                                          for cfg, (rps, p50, p99) in zip(cfgs, row)) for r, row in enumerate(table)]
-    med = [[median([row[k][i] for row in table]) for i in range(3)] for k in range(2)]  # [side][stat]
+    table = [[stats(run) for run in r] for r in rounds]  # [round][side] -> (req/s, p50 s, p99 s, CPU s / request)
+    lines = [f"round {r + 1}: " + "; ".join(f"{cfg.key} {rps:.1f} req/s, p50 {ms(p50)} ms, p99 {ms(p99)} ms, "
+                                          f"server CPU {ms(cpu)} ms/req"
+                                          for cfg, (rps, p50, p99, cpu) in zip(cfgs, row)) for r, row in enumerate(table)]
+    med = [[median([row[k][i] for row in table]) for i in range(4)] for k in range(2)]  # [side][stat]
     ratio = median([row[1][0] / row[0][0] for row in table])
+    cpu_ratio = median([row[1][3] / row[0][3] for row in table])
     lines.append(f"| {cfgs[0].label} → {cfgs[1].label} | {med[0][0]:.1f} → {med[1][0]:.1f} | **{ratio:.2f}×** | "
-                 f"{ms(med[0][1])} → {ms(med[1][1])} | {ms(med[0][2])} → {ms(med[1][2])} |  "
-                 f"(req/s base → new, median of {args.rounds}; median paired ratio; p50 ms; p99 ms: medians of rounds)")
+                 f"{ms(med[0][1])} → {ms(med[1][1])} | {ms(med[0][2])} → {ms(med[1][2])} | "
+                 f"{ms(med[0][3])} → {ms(med[1][3])} ({cpu_ratio:.2f}×) |  (req/s base → new, median of {args.rounds}; "
+                 "median paired ratio; p50 ms; p99 ms; server CPU ms per request (median paired ratio): medians of rounds)")
     return "\n".join(lines)
 
 

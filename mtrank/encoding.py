@@ -68,9 +68,21 @@ _POW10 = np.array([10**k for k in range(20)], dtype=np.uint64)  # 10**19 < 2**64
 
 
 def fnv1a64_decimal(x: np.ndarray) -> np.ndarray:
-    """int64 [n] -> uint64 [n]: ``fnv1a64`` of each value's decimal string (``str(int(v))``: ``-`` then the digits,
-    no leading zeros), computed from the digits without making strings."""
+    """int64 [...] -> uint64 [...]: ``fnv1a64`` of each value's decimal string (``str(int(v))``: ``-`` then the
+    digits, no leading zeros), computed without making strings: values in [0, 2**16) (most categorical codes) from a
+    table of their hashes, the others from their digits."""
     x = np.asarray(x, dtype=np.int64)
+    small = (x >= 0) & (x < len(_SMALL_HASHES))
+    if small.all():
+        return _SMALL_HASHES[x]
+    h = np.empty(x.shape, dtype=np.uint64)
+    h[small] = _SMALL_HASHES[x[small]]
+    h[~small] = _decimal_digits_hash(x[~small])
+    return h
+
+
+def _decimal_digits_hash(x: np.ndarray) -> np.ndarray:
+    """``fnv1a64_decimal`` digit by digit, vectorised over the values (int64 [n])."""
     neg = x < 0
     a = np.where(neg, -(x + 1), x).astype(np.uint64) + neg  # |x|, also for -2**63
     digits = np.maximum(np.searchsorted(_POW10, a, side="right"), 1)  # 10**(d-1) <= a < 10**d
@@ -81,6 +93,9 @@ def fnv1a64_decimal(x: np.ndarray) -> np.ndarray:
         digit = (a // _POW10[k]) % np.uint64(10) + np.uint64(ord("0"))
         h = np.where(digits > k, (h ^ digit) * FNV_PRIME, h)  # values with fewer digits skip leading positions
     return h
+
+
+_SMALL_HASHES = _decimal_digits_hash(np.arange(1 << 16, dtype=np.int64))  # 512 KiB, a few ms at import
 
 
 def hash_columns(columns: Sequence[Sequence[Any] | np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:

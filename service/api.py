@@ -136,16 +136,17 @@ def new_request_id() -> str:
     return f"{_request_ids.getrandbits(128):032x}"
 
 
-def _check_candidates(item_ids: list[str], max_candidates: int) -> None:
+def _check_candidates(item_ids: list[str], max_candidates: int, columnar: bool) -> None:
     n = len(item_ids)
     if n > max_candidates:
-        raise InputError(("body", "candidates"), f"{n} candidates exceed the limit of {max_candidates}")
+        raise InputError(("body", "candidates") + (("item_id",) if columnar else ()),
+                         f"{n} candidates exceed the limit of {max_candidates}")
     if len(set(item_ids)) != n:
         first: dict[str, int] = {}
         for j, i in enumerate(item_ids):
             if i in first:
-                raise InputError(("body", "candidates", j, "item_id"),
-                                 f"duplicate item_id {i!r} (also at candidates.{first[i]})")
+                loc, at = (("item_id", j), f"item_id.{first[i]}") if columnar else ((j, "item_id"), str(first[i]))
+                raise InputError(("body", "candidates", *loc), f"duplicate item_id {i!r} (also at candidates.{at})")
             first[i] = j
 
 
@@ -169,7 +170,8 @@ def _json(body: dict[str, Any], background: BackgroundTask | None = None, status
     return Response(orjson.dumps(body), status_code=status_code, media_type="application/json", background=background)
 
 
-_RANK_BODY = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RankRequest"}}}}
+_RANK_BODY = {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+    {"$ref": "#/components/schemas/RankRequest"}, {"$ref": "#/components/schemas/RankColumnsRequest"}]}}}}
 
 
 @router.post("/rank", response_model=RankResponse, tags=["ranking"], openapi_extra={"requestBody": _RANK_BODY},
@@ -178,10 +180,11 @@ _RANK_BODY = {"required": True, "content": {"application/json": {"schema": {"$re
 async def rank_items(request: Request, svc: ServicesDep, model: ModelDep) -> Response:
     """Scores every candidate for every task with the active bundle, fuses the calibrated scores
     with the chosen profile (request ``fusion``, else the user's experiment arm, else the default
-    profile) and returns them best first."""
+    profile) and returns them best first. The candidates come as a list of objects (``RankRequest``) or
+    as columns (``RankColumnsRequest``: less JSON to send and to parse)."""
     body = parse_rank(await request.body(), request.headers.get("content-type"))  # the body as RankRequest documents it
     req, item_ids = body.options, body.item_ids
-    _check_candidates(item_ids, svc.settings.limits.max_candidates)
+    _check_candidates(item_ids, svc.settings.limits.max_candidates, body.columnar)
     request_id = req.request_id or new_request_id()
     fusion, fusion_name, arm = _choose_fusion(svc, model, req, request_id)
     n = len(item_ids)
@@ -193,7 +196,7 @@ async def rank_items(request: Request, svc: ServicesDep, model: ModelDep) -> Res
                             svc.settings.limits.unknown_features == "reject")  # same 422s as with items
         return _json({**base, "degraded": False, "items": []})
     store = await svc.store.fetch(req.user_id, item_ids, model.has_user_features, model.has_item_features)
-    inp = RankInput(req.user_id, req.context, item_ids, body.item_features, body.columns)
+    inp = RankInput(req.user_id, req.context, item_ids, body.item_features, body.columns, body.columnar)
     loop = asyncio.get_running_loop()
     ranked, logged = await loop.run_in_executor(svc.executor, _rank_observed, svc, model, inp, store, fusion,
                                                 req.top_k, arm, request_id)

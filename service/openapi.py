@@ -3,9 +3,11 @@
 ``install_contract(app, settings)`` post-processes the generated document (built once, then cached by
 FastAPI) so that it states the limits this process enforces:
 
-* ``RankRequest.candidates.maxItems`` = ``limits.max_candidates``; ``FeedbackRequest.events.maxItems`` =
-  ``limits.max_feedback_events``;
-* ``RankRequest.fusion``: with ``fusion.allow_request_expressions: false``, an ``enum`` of the configured
+* the /rank body's models (``RankRequest``, ``RankColumnsRequest``), which the route reads itself
+  (``service.rank_body``), added to the components as FastAPI would add them;
+* ``RankRequest.candidates.maxItems`` and ``CandidateColumns.item_id.maxItems`` = ``limits.max_candidates``;
+  ``FeedbackRequest.events.maxItems`` = ``limits.max_feedback_events``;
+* ``fusion`` of both /rank bodies: with ``fusion.allow_request_expressions: false``, an ``enum`` of the configured
   profile names (plus ``default``); with expressions allowed, ``maxLength`` = the longer of
   ``limits.max_expression_chars`` and the longest profile name, and an ``x-mtrank-runtime-check`` (the
   expression must compile against the bundle's tasks).
@@ -34,7 +36,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import json_schema
 
-from service.schemas import RUNTIME_CHECK, RankRequest
+from service.schemas import RUNTIME_CHECK, RankColumnsRequest, RankRequest
 from service.settings import DEFAULT_PROFILE, Settings
 
 ASSETS_URL = "/docs-assets"
@@ -102,23 +104,26 @@ def apply_limits(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
     settings-dependent constraints (module docstring) and ``LINKS`` into an OpenAPI document, in place."""
     add_links(doc)
     schemas = doc["components"]["schemas"]
-    _, defs = json_schema.models_json_schema([(RankRequest, "validation")], ref_template="#/components/schemas/{model}")
+    _, defs = json_schema.models_json_schema([(RankRequest, "validation"), (RankColumnsRequest, "validation")],
+                                             ref_template="#/components/schemas/{model}")
     schemas.update({name: jsonable_encoder(Schema(**schema), by_alias=True, exclude_none=True)  # as FastAPI does
                     for name, schema in defs["$defs"].items()})
     limits = settings.limits
     schemas["RankRequest"]["properties"]["candidates"]["maxItems"] = limits.max_candidates
+    schemas["CandidateColumns"]["properties"]["item_id"]["maxItems"] = limits.max_candidates
     schemas["FeedbackRequest"]["properties"]["events"]["maxItems"] = limits.max_feedback_events
-    fusion = schemas["RankRequest"]["properties"]["fusion"]
-    text = next(s for s in fusion["anyOf"] if s.get("type") == "string")
     names = sorted({DEFAULT_PROFILE, *settings.fusion.profiles})
-    if settings.fusion.allow_request_expressions:
-        text["maxLength"] = max(limits.max_expression_chars, *map(len, names))
-        fusion[RUNTIME_CHECK] = ("a profile name, else an expression that compiles against the active bundle's tasks "
-                                 f"(profiles: {', '.join(names)}); otherwise a 422 naming body.fusion")
-    else:
-        text.pop("minLength", None)
-        text.pop("maxLength", None)
-        text["enum"] = names
+    for model in ("RankRequest", "RankColumnsRequest"):
+        fusion = schemas[model]["properties"]["fusion"]
+        text = next(s for s in fusion["anyOf"] if s.get("type") == "string")
+        if settings.fusion.allow_request_expressions:
+            text["maxLength"] = max(limits.max_expression_chars, *map(len, names))
+            fusion[RUNTIME_CHECK] = ("a profile name, else an expression that compiles against the active bundle's "
+                                     f"tasks (profiles: {', '.join(names)}); otherwise a 422 naming body.fusion")
+        else:
+            text.pop("minLength", None)
+            text.pop("maxLength", None)
+            text["enum"] = names
     return doc
 
 

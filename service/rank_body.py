@@ -1,20 +1,27 @@
 """The /rank body, from bytes to what the scorer takes: candidates' features as columns, no object per candidate.
 
-The common body (a JSON object of the documented shape with valid values) takes the **fast path**:
+The candidates come in one of two forms: a list of objects (``RankRequest``: ``{"item_id", "features": {...}}``
+per candidate) or, for clients that can send them, columns (``RankColumnsRequest``: ``{"item_id": [...],
+"features": {name: [...]}}``, a third of the JSON for a typical body and no object per candidate to build).
+
+A valid body takes the **fast path**:
 
 1. ``orjson.loads`` on the raw bytes (about 3x ``json.loads``);
 2. the fields other than ``candidates`` (a few values) through :class:`service.schemas.RankOptions`;
-3. the candidates checked **per column, not per value**: every candidate an object with ``item_id`` (a string of
-   1-256 characters) and at most ``features``; then per feature name, the column of its values over the
-   candidates (built once: the scorer takes it as it is; an integer column as an int64 array) checked with
-   builtins running in C (the set of value types, ``min``/``max`` of lengths and of numbers) against the rules of
-   ``service.schemas``. Only list values (multi-valued features) are checked one by one.
+3. the candidates checked **per column, not per value**: in the list form every candidate an object with
+   ``item_id`` (a string of 1-256 characters) and at most ``features``, then per feature name the column of its
+   values over the candidates is built (once: the scorer takes it as it is); in the column form the columns are
+   there already. Each column is checked with builtins running in C (the set of value types, ``min``/``max`` of
+   lengths and of numbers) against the rules of ``service.schemas``; an integer column becomes an int64 array
+   (what the encoder hashes from its digits). Only list values (multi-valued features) are checked one by one.
 
 Anything the fast path does not accept (invalid JSON, a lone surrogate, which orjson refuses, any rule broken,
 another content type) goes through the **checked path**: FastAPI's own body handling (``json.loads``, then
-:class:`service.schemas.RankRequest`), so error answers are exactly those of a route declaring the model. A
-body the checked path accepts is served from its result, so the fast path can only make a valid request
-faster, never refuse it. ``tests/service/test_rank_body.py`` holds both paths to the same answers.
+:class:`service.schemas.RankRequest`, or ``RankColumnsRequest`` when ``candidates`` is an object), so error answers
+are exactly those of a route declaring the model; a column form whose features lists are not one value per item
+id is then a 422 naming the list (``InputError``). A body the checked path accepts is served from its result, so
+the fast path can only make a valid request faster, never refuse it. ``tests/service/test_rank_body.py`` holds
+both paths to the same answers.
 """
 
 from __future__ import annotations
@@ -31,7 +38,17 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 
-from service.schemas import MAX_FEATURES, MAX_NAME, MAX_STR, Candidate, RankOptions, RankRequest, feature_value
+from service.schemas import (
+    MAX_FEATURES,
+    MAX_NAME,
+    MAX_STR,
+    Candidate,
+    RankColumnsRequest,
+    RankOptions,
+    RankRequest,
+    feature_value,
+)
+from service.scorer import InputError
 
 _I64 = 1 << 63
 _CANDIDATE_KEYS = frozenset(Candidate.model_fields)  # item_id, features
@@ -42,13 +59,15 @@ _NO_FEATURES: dict[str, Any] = {}
 
 @dataclass
 class RankBody:
-    """A valid /rank body: the options, and the candidates as ids and feature columns."""
+    """A valid /rank body: the options, and the candidates as ids and feature columns (``service.scorer.RankInput``'s
+    fields: ``item_features`` per candidate for the list form, None for the column form)."""
 
     options: RankOptions
     item_ids: list[str]  # [n]
-    item_features: list[Mapping[str, Any]]  # [n] per candidate, as sent (the scorer's error messages locate values in them)
+    item_features: list[Mapping[str, Any]] | None  # [n] per candidate, as sent (error messages locate values in them)
     # feature name -> [n] values (None: not sent; an integer column as int64), every name sent. None: not built
     columns: dict[str, list[Any] | np.ndarray] | None
+    columnar: bool = False
 
 
 def is_json(content_type: str | None) -> bool:
@@ -59,7 +78,8 @@ def is_json(content_type: str | None) -> bool:
 
 def parse_rank(body: bytes, content_type: str | None) -> RankBody:
     """The body of a /rank request; raises ``RequestValidationError`` (422) or ``HTTPException`` (400) as FastAPI
-    would for a route declaring ``RankRequest``."""
+    would for a route declaring ``RankRequest`` (``RankColumnsRequest`` when ``candidates`` is an object), and
+    ``InputError`` (422) for a features column whose length is not the number of item ids."""
     if is_json(content_type):
         try:
             doc = orjson.loads(body)
@@ -74,12 +94,14 @@ def parse_rank(body: bytes, content_type: str | None) -> RankBody:
 def _fast(doc: dict[str, Any]) -> RankBody | None:
     """The body, or None when anything needs the checked path's verdict."""
     cands = doc.pop("candidates", None)
-    if type(cands) is not list:
+    if type(cands) is not list and type(cands) is not dict:
         return None
     try:
         options = RankOptions.model_validate(doc)
     except ValidationError:
         return None
+    if type(cands) is dict:
+        return _fast_columns(options, cands)
     if not all(type(c) is dict for c in cands):
         return None
     ids = [c.get("item_id") for c in cands]
@@ -101,6 +123,24 @@ def _fast(doc: dict[str, Any]) -> RankBody | None:
             return None
         columns[name] = col
     return RankBody(options, ids, feats, columns)
+
+
+def _fast_columns(options: RankOptions, cands: dict[str, Any]) -> RankBody | None:
+    """The column form (``CandidateColumns``): item ids and feature columns as sent, each column checked once."""
+    ids, feats = cands.get("item_id"), cands.get("features", _NO_FEATURES)
+    if len(cands) != 1 + (feats is not _NO_FEATURES) or type(ids) is not list or not all(type(i) is str for i in ids):
+        return None
+    if ids and not (1 <= min(map(len, ids)) and max(map(len, ids)) <= 256):
+        return None
+    if type(feats) is not dict or len(feats) > MAX_FEATURES or (feats and max(map(len, feats)) > MAX_NAME):
+        return None
+    columns = {}
+    for name, values in feats.items():
+        col = _checked_column(values) if type(values) is list and len(values) == len(ids) else None
+        if col is None:
+            return None
+        columns[name] = col
+    return RankBody(options, ids, None, columns, columnar=True)
 
 
 def _checked_column(col: list[Any]) -> list[Any] | np.ndarray | None:
@@ -151,9 +191,17 @@ def _checked(body: bytes, content_type: str | None) -> RankBody:
                                            "input": {}, "ctx": {"error": e.msg}}], body=e.doc) from e
         except Exception as e:
             raise HTTPException(400, detail="There was an error parsing the body") from e
+    columnar = type(doc) is dict and type(doc.get("candidates")) is dict
     try:
-        req = RankRequest.model_validate(doc)
+        req = (RankColumnsRequest if columnar else RankRequest).model_validate(doc)
     except ValidationError as e:
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)],
                                      body=doc) from None
+    if isinstance(req, RankColumnsRequest):
+        n = len(req.candidates.item_id)
+        for name, col in req.candidates.features.items():
+            if len(col) != n:
+                raise InputError(("body", "candidates", "features", name),
+                                 f"{len(col)} values for {n} candidates (one per item_id)", "column_length")
+        return RankBody(req, req.candidates.item_id, None, dict(req.candidates.features), columnar=True)
     return RankBody(req, [c.item_id for c in req.candidates], [c.features for c in req.candidates], None)

@@ -136,6 +136,32 @@ class RankRequest(RankOptions):
         "top_k": 10, "fusion": "default", "return_task_scores": True, "raw_scores": False}]})
 
 
+COLUMN_CHECK = ("every features list holds one value per item_id (JSON Schema cannot state equal lengths): "
+                "a list of another length is a 422 naming it")
+
+
+class CandidateColumns(_Req):
+    """The candidates as columns: candidate j is ``item_id[j]`` with ``features[name][j]`` for every name (null:
+    not sent). The same candidates as the list form, in less JSON: one key per feature, not per value."""
+
+    item_id: list[Id] = Field(description="One per candidate, unique within the request; the candidates' order",
+                              json_schema_extra={RUNTIME_CHECK: "unique (a duplicate is a 422 naming the later one)"})
+    features: Annotated[dict[Name, list[FeatureValue]], Field(max_length=MAX_FEATURES)] = Field(
+        default_factory=dict, description="Feature name -> one value per candidate (null: not sent for that one)",
+        json_schema_extra={RUNTIME_CHECK: COLUMN_CHECK})
+
+
+class RankColumnsRequest(RankOptions):
+    """``RankRequest`` with the candidates as columns (``CandidateColumns``)."""
+
+    candidates: CandidateColumns = Field(description="Items to rank, as columns; no item_id -> empty items (200)")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "user_id": "u42", "context": {"device": "ios", "hour": 21},
+        "candidates": {"item_id": ["i1", "i2"], "features": {"item_category": ["shoes", None], "item_price": [12.5, 3]}},
+        "top_k": 10}]})
+
+
 class RankedItem(BaseModel):
     item_id: str
     rank: int = Field(description="1-based")

@@ -55,14 +55,42 @@ class InputError(ValueError):
 
 @dataclass
 class RankInput:
-    """What the scorer needs from a request (validated by ``service.schemas.RankRequest``)."""
+    """What the scorer needs from a request (validated by ``service.rank_body``), candidates as rows or as columns:
+
+    * rows: ``item_features``, one mapping per candidate, and optionally ``columns`` built from them;
+    * columns (``columnar``, the request sent ``candidates`` as columns): ``columns`` only.
+    """
 
     user_id: str | None
     context: Mapping[str, Any]
     item_ids: list[str]  # [n], unique
-    item_features: list[Mapping[str, Any]]  # [n]
-    # item_features by name, every name sent ([n], None = not sent; an integer column may be int64 [n])
+    item_features: list[Mapping[str, Any]] | None  # [n] per candidate; None when the request sent columns
+    # feature name -> [n] values, every name sent (None = not sent; an integer column may be int64 [n])
     columns: Mapping[str, list[Any] | np.ndarray] | None = None
+    columnar: bool = False
+
+    def __post_init__(self) -> None:
+        if self.columns is None and self.item_features is None:
+            raise ValueError("RankInput: item_features or columns")
+
+    def item_names(self) -> set[str]:
+        """Every item feature name the request sent."""
+        return set(self.columns) if self.columns is not None else set().union(*self.item_features or ())
+
+    def sent(self, i: int, name: str) -> Any:
+        """The value the request sent for candidate ``i``'s feature ``name`` (None: none)."""
+        if self.item_features is not None:
+            return self.item_features[i].get(name)
+        col = self.columns.get(name) if self.columns is not None else None
+        return None if col is None else col[i]
+
+    def item_loc(self, name: str, i: int | None = None) -> Loc:
+        """Where candidate ``i``'s ``name`` is in the body (``i`` None: the first candidate sending it)."""
+        if self.columnar:
+            return ("body", "candidates", "features", name) + (() if i is None else (i,))
+        if i is None:
+            i = next(j for j, f in enumerate(self.item_features or ()) if name in f)
+        return ("body", "candidates", i, "features", name)
 
 
 @dataclass
@@ -185,12 +213,9 @@ class Model:
         extra = set(inp.context) - self.request_names
         if extra:
             raise InputError(("body", "context", min(extra)), "unknown feature (not in the model's request-side schema)")
-        names = set(inp.columns) if inp.columns is not None else set().union(*inp.item_features)
-        extra = names - self.item_names
+        extra = inp.item_names() - self.item_names
         if extra:
-            bad = min(extra)
-            i = next(i for i, f in enumerate(inp.item_features) if bad in f)
-            raise InputError(("body", "candidates", i, "features", bad), "unknown feature (not in the model's item-side schema)")
+            raise InputError(inp.item_loc(min(extra)), "unknown feature (not in the model's item-side schema)")
 
     def check_request(self, inp: RankInput, reject_unknown: bool) -> None:
         """The request-side checks alone (for a request without candidates)."""
@@ -224,39 +249,40 @@ class Model:
 
     def item_columns(self, inp: RankInput, rows: Sequence[Row]) -> dict[str, Any]:
         """feature name -> [n] raw values: candidate features, else store rows, else missing."""
-        feats = inp.item_features  # [n] dicts
+        feats = inp.item_features  # [n] dicts (None: columns sent)
         sent = inp.columns
+        n = len(inp.item_ids)
         cols: dict[str, Any] = {}
         for f in self.item_features:
             name = f.name
             if name == "item_id":
                 col: list[Any] = inp.item_ids  # the request's item ids feed an item_id feature
             elif sent is not None and name not in sent:
-                col = [r.get(name) for r in rows] if rows else [None] * len(feats)
+                col = [r.get(name) for r in rows] if rows else [None] * n
             elif sent is not None and isinstance(sent[name], np.ndarray):  # integers, every candidate's: checked
                 given = sent[name]
                 cols[name] = given.astype(np.float64) if f.kind == "numeric" else \
                     given if f.kind == "categorical" else given.tolist()
                 continue
             elif rows:
-                given = sent[name] if sent is not None else [cf.get(name) for cf in feats]
+                given = sent[name] if sent is not None else [cf.get(name) for cf in feats or ()]
                 col = [v if v is not None else r.get(name) for v, r in zip(given, rows)]
             else:
-                col = sent[name] if sent is not None else [cf.get(name) for cf in feats]
+                col = sent[name] if sent is not None else [cf.get(name) for cf in feats or ()]
             if f.kind == "numeric":
-                cols[name] = self._numeric_column(f, col, feats)
+                cols[name] = self._numeric_column(f, col, inp)
             elif f.kind == "categorical":
                 types = set(map(type, col))
                 if types == {str}:
                     col = np.array(col)  # unicode [n]: the encoder's fast path (no per-value canonicalisation)
                 elif list in types:
-                    col = self._repair(f, col, feats, _is_scalar, "a single value (not a list)")
+                    col = self._repair(f, col, inp, _is_scalar, "a single value (not a list)")
                 cols[name] = col
             else:
                 cols[name] = col
         return cols
 
-    def _numeric_column(self, f: FittedFeature, col: list[Any], feats: list[Mapping[str, Any]]) -> np.ndarray:
+    def _numeric_column(self, f: FittedFeature, col: list[Any], inp: RankInput) -> np.ndarray:
         """float64 [n], NaN = missing (the schema default). Request values follow ``numeric_value`` (else a
         422); store values it refuses count as missing."""
         if str not in map(type, col):  # no strings (the common case): numpy converts numbers, bools and None at once
@@ -266,17 +292,15 @@ class Model:
                     return arr
             except (TypeError, ValueError, OverflowError):
                 pass
-        col = self._repair(f, col, feats, _is_number, _NUMBER)  # strings, lists, store values out of range
+        col = self._repair(f, col, inp, _is_number, _NUMBER)  # strings, lists, store values out of range
         return np.array([np.nan if v is None else numeric_value(v) for v in col], dtype=np.float64)
 
-    def _repair(self, f: FittedFeature, col: list[Any], feats: list[Mapping[str, Any]], ok: Callable[[Any], bool],
-                what: str) -> list[Any]:
+    def _repair(self, f: FittedFeature, col: list[Any], inp: RankInput, ok: Callable[[Any], bool], what: str) -> list[Any]:
         """Slow path: a request value of the wrong type -> InputError; a bad store value -> missing."""
         bad = [i for i, v in enumerate(col) if not ok(v)]
         for i in bad:
-            if feats[i].get(f.name) is not None:
-                raise InputError(("body", "candidates", i, "features", f.name),
-                                 f"{f.kind} feature {f.name!r} needs {what}, got {col[i]!r}"[:300])
+            if inp.sent(i, f.name) is not None:
+                raise InputError(inp.item_loc(f.name, i), f"{f.kind} feature {f.name!r} needs {what}, got {col[i]!r}"[:300])
         col = list(col)
         for i in bad:
             col[i] = None

@@ -610,3 +610,32 @@ def test_scores_match_trainer_encoding_end_to_end(served, client: httpx.Client, 
         got = client.post("/rank", json=body).json()["items"][0]["task_scores"]
         for t in manifest.tasks:
             assert got[t.name] == pytest.approx(float(expected[t.output][k]), abs=1e-5), (k, t.name)
+
+
+def test_candidates_as_columns_rank_like_the_list_form(served, client: httpx.Client) -> None:
+    """The column form (RankColumnsRequest) gives the list form's response: same order, scores, task scores."""
+    rows = rank_body(12, request_id="rows-1", top_k=7)
+    rows["candidates"][3]["features"]["item_price"] = None  # null = not sent, in both forms
+    del rows["candidates"][5]["features"]["item_category"]
+    names = ["item_category", "item_price"]
+    cols = {**rows, "request_id": "cols-1", "candidates": {
+        "item_id": [c["item_id"] for c in rows["candidates"]],
+        "features": {k: [c["features"].get(k) for c in rows["candidates"]] for k in names}}}
+    a, b = client.post("/rank", json=rows), client.post("/rank", json=cols)
+    assert a.status_code == b.status_code == 200, b.text
+    assert a.json()["items"] == b.json()["items"] and len(b.json()["items"]) == 7
+    assert client.post("/rank", json={"candidates": {"item_id": []}}).json()["items"] == []
+
+
+@pytest.mark.parametrize("candidates, loc", [
+    ({"item_id": ["a", "b", "a"]}, ["body", "candidates", "item_id", 2]),
+    ({"item_id": ["a", "b"], "features": {"<num_item>": [1.0]}}, ["body", "candidates", "features", "<num_item>"]),
+    ({"item_id": ["a", "b"], "features": {"<num_item>": [1.0, "cheap"]}}, ["body", "candidates", "features", "<num_item>", 1]),
+    ({"item_id": [f"i{k}" for k in range(51)]}, ["body", "candidates", "item_id"]),  # limits.max_candidates 50
+    ({"item_id": "a"}, ["body", "candidates", "item_id"]),
+])
+def test_bad_columns_name_the_field(served, client: httpx.Client, candidates: dict[str, Any], loc: list[Any]) -> None:
+    manifest = served[1]
+    r = client.post("/rank", json=fill({"candidates": candidates}, manifest))
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == fill(loc, manifest)

@@ -49,32 +49,37 @@ def _resolve(doc: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
-def _child(doc: dict[str, Any], node: dict[str, Any], key: str | int) -> dict[str, Any] | None:
-    """The schema of ``key`` (a property name or a list index) inside ``node``, through $ref and anyOf."""
+def _children(doc: dict[str, Any], node: dict[str, Any], key: str | int) -> list[dict[str, Any]]:
+    """The schemas of ``key`` (a property name or a list index) inside ``node``, through $ref, anyOf and oneOf (one
+    per branch that has it)."""
     node = _resolve(doc, node)
-    for branch in [node, *node.get("anyOf", ())]:
+    out = []
+    for branch in [node, *node.get("anyOf", ()), *node.get("oneOf", ())]:
         branch = _resolve(doc, branch)
         if isinstance(key, int) and "items" in branch:
-            return branch["items"]
-        if isinstance(key, str) and key in branch.get("properties", {}):
-            return branch["properties"][key]
-        if isinstance(key, str) and isinstance(branch.get("additionalProperties"), dict):
-            return branch["additionalProperties"]
-    return None
+            out.append(branch["items"])
+        elif isinstance(key, str) and key in branch.get("properties", {}):
+            out.append(branch["properties"][key])
+        elif isinstance(key, str) and isinstance(branch.get("additionalProperties"), dict):
+            out.append(branch["additionalProperties"])
+    return out
 
 
 def runtime_checked(doc: dict[str, Any], body_schema: dict[str, Any], loc: list[Any]) -> bool:
-    """Whether a node along ``loc`` (``["body", ...]``) of the request body schema carries RUNTIME_CHECK."""
+    """Whether a node along ``loc`` (``["body", ...]``) of the request body schema carries RUNTIME_CHECK, on any
+    branch of the body's unions that ``loc`` can follow."""
     if not loc or loc[0] != "body":
         return False
-    node: dict[str, Any] | None = body_schema
-    for key in loc[1:]:
-        node = _child(doc, node, key) if node is not None else None
-        if node is None:
+
+    def marked(node: dict[str, Any], rest: list[Any]) -> bool:
+        if not rest:
             return False
-        if RUNTIME_CHECK in node or RUNTIME_CHECK in _resolve(doc, node):
-            return True
-    return False
+        for child in _children(doc, node, rest[0]):
+            if RUNTIME_CHECK in child or RUNTIME_CHECK in _resolve(doc, child) or marked(child, rest[1:]):
+                return True
+        return False
+
+    return marked(body_schema, list(loc[1:]))
 
 
 def _body_schema(doc: dict[str, Any], method: str, path: str) -> dict[str, Any] | None:
@@ -110,7 +115,10 @@ def run_contract(url: str, max_examples: int) -> tuple[list[str], dict[str, Any]
         "cache": {"enabled": False},  # no state carried between runs (nor a .schemathesis/ folder in the tree)
         "headers": {"Authorization": f"Bearer {TOKEN}"},
         "generation": {"max-examples": max_examples, "mode": "all", "database": "none"},
-        "checks": {"enabled": True, "positive_data_acceptance": {"enabled": False}},
+        "checks": {"enabled": True, "positive_data_acceptance": {"enabled": False},
+                   # schemathesis' defaults plus 413: a body over limits.max_body_bytes is rejected by its size
+                   "negative_data_rejection": {"expected-statuses": [
+                       "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]}},
         "phases": {"stateful": {"max-steps": 10}},
         "request-timeout": 10,
         "warnings": False,

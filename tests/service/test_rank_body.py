@@ -1,5 +1,6 @@
 """service.rank_body: the fast path (orjson, checks per column) against the checked path (FastAPI's json.loads +
-the RankRequest model) on the same bodies: valid bodies give the same request, invalid ones the same errors."""
+the RankRequest / RankColumnsRequest model) on the same bodies: valid bodies give the same request, invalid ones
+the same errors; the column form gives what the list form gives."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 
 from service.rank_body import RankBody, _checked, parse_rank
+from service.scorer import InputError
 
 JSON = "application/json"
 
@@ -25,7 +27,12 @@ def _outcome(parse: Any, body: bytes, content_type: str | None = JSON) -> tuple[
         return "error", (422, [(tuple(x["loc"]), x["type"]) for x in e.errors()])
     except HTTPException as e:
         return "error", (e.status_code, e.detail)
-    features = [dict(f) for f in got.item_features]
+    except InputError as e:
+        return "error", (422, [(e.loc, e.kind)])
+    if got.columnar:
+        cols = {k: list(v) for k, v in (got.columns or {}).items()}
+        return "ok", (got.options.model_dump(exclude={"candidates"}), got.item_ids, cols)
+    features = [dict(f) for f in got.item_features or ()]
     if got.columns is not None:  # the columns are the per-candidate features, by name
         names = set().union(*features)
         assert set(got.columns) == names
@@ -125,3 +132,48 @@ def test_other_invalid_bodies_answer_as_fastapi(body: bytes, content_type: str |
 def test_a_json_content_type_with_parameters_or_suffix_is_json() -> None:
     for ct in ("application/json; charset=utf-8", "application/vnd.mtrank+json", "Application/JSON"):
         assert parse_rank(b'{"candidates": [{"item_id": "a"}]}', ct).item_ids == ["a"]
+
+
+def _as_columns(cands: list[dict[str, Any]]) -> dict[str, Any]:
+    names = sorted(set().union(*(c.get("features", {}) for c in cands)))
+    return {"item_id": [c["item_id"] for c in cands],
+            "features": {k: [c.get("features", {}).get(k) for c in cands] for k in names}}
+
+
+def test_the_column_form_takes_the_fast_path_and_carries_the_same_values() -> None:
+    rng = random.Random(1)
+    for n in (0, 1, 9, 60):
+        rows = _valid_candidates(rng, n)
+        body = _body(_as_columns(rows), top_k=2)
+        kind, (_, ids, cols) = _same(body)
+        got = parse_rank(body, JSON)
+        assert kind == "ok" and got.columnar and got.item_features is None and ids == [c["item_id"] for c in rows]
+        listed = parse_rank(_body(rows, top_k=2), JSON)  # the list form of the same candidates
+        assert {k: list(v) for k, v in (listed.columns or {}).items()} == {k: v for k, v in cols.items() if any(
+            k in c.get("features", {}) for c in rows)} | {k: [None] * n for k, v in cols.items() if not any(
+                k in c.get("features", {}) for c in rows)}
+    assert _same(_body({"item_id": ["a"]}))[0] == "ok"
+
+
+BAD_COLUMNS = {
+    "no item_id": {"features": {"x": [1]}},
+    "item_id not a list": {"item_id": "a"},
+    "int item_id": {"item_id": [1]},
+    "extra key": {"item_id": ["a"], "score": [1]},
+    "features a list": {"item_id": ["a"], "features": [[1]]},
+    "column not a list": {"item_id": ["a"], "features": {"x": 1}},
+    "long name": {"item_id": ["a"], "features": {"n" * 129: [1]}},
+    "bad value": {"item_id": ["a"], "features": {"x": [{"y": 1}]}},
+    "int too big": {"item_id": ["a"], "features": {"x": [2**63]}},
+    "short column": {"item_id": ["a", "b"], "features": {"x": [1]}},
+    "long column": {"item_id": ["a"], "features": {"x": [1, 2]}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COLUMNS))
+def test_invalid_columns_get_the_checked_paths_errors(case: str) -> None:
+    kind, (status, errors) = _same(_body(BAD_COLUMNS[case]))
+    assert kind == "error" and status == 422 and errors
+    assert all(loc[:2] == ("body", "candidates") for loc, _ in errors), errors
+    if "column" in case and "not" not in case:
+        assert errors == [(("body", "candidates", "features", "x"), "column_length")]
