@@ -19,6 +19,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    """Processes of this run on this machine (torchrun's ``LOCAL_WORLD_SIZE``; 1 alone)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def init(use_cuda: bool, timeout_s: float = 600.0) -> tuple[torch.device, int, int]:
     """Join the process group torchrun describes -> (device, rank, world size); (default device, 0, 1) alone."""
     world = env_world_size()

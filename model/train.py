@@ -111,15 +111,25 @@ class Placement:
 
     @classmethod
     def resolve(cls, device: str) -> Placement:
-        """``auto`` is CUDA when available, else CPU; ``cuda`` without a GPU is a config error. Under torchrun
-        (``WORLD_SIZE`` > 1) this process joins the group: gloo on CPU, nccl with one GPU per local rank."""
-        if device == "cuda" and not torch.cuda.is_available():
-            from mtrank.config import ConfigError
-
-            raise ConfigError("train.device: 'cuda' requested but torch.cuda.is_available() is false")
-        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        dev, rank, world = distributed.init(use_cuda)
+        """Under torchrun (``WORLD_SIZE`` > 1) this process joins the group: gloo on CPU, nccl with one GPU per
+        local rank (``use_cuda`` says which)."""
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        dev, rank, world = distributed.init(use_cuda(device, gpus, distributed.local_world_size()))
         return cls(dev, rank, world)
+
+
+def use_cuda(device: str, gpus: int, local_processes: int) -> bool:
+    """Whether to train on CUDA: ``auto`` when there is a GPU for each of this node's processes (else the CPU,
+    where DDP runs on gloo); ``cuda`` requires that, or it is a config error naming ``train.device``."""
+    if device == "cpu":
+        return False
+    enough = gpus >= max(1, local_processes)
+    if device == "cuda" and not enough:
+        from mtrank.config import ConfigError
+
+        raise ConfigError(f"train.device: 'cuda' with {local_processes} process(es) on this machine needs as many GPUs "
+                          f"(one per process), found {gpus}")
+    return enough
 
 
 class RunDir:

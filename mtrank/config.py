@@ -300,7 +300,7 @@ class TrainConfig(_Strict):
     early_stopping: EarlyStopping = EarlyStopping()
     instruments: Instruments = Instruments()
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch default
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when there is a GPU per process on the machine, else CPU
     progress: bool = True
 
     @field_validator("balancer", mode="before")

@@ -14,9 +14,10 @@ import yaml
 
 from tests.conftest import demo_config
 
-# The same run in one process and in two: batch norm off (its statistics are per rank), dropout 0
+# The same run in one process and in two: batch norm off (its statistics are per rank), dropout 0; on the CPU
+# (gloo) also where a GPU is present, so that both runs take the same device
 OVERRIDES = ["train.epochs=3", "train.batch_size=600", "model.arch=ple", "model.levels=2", "train.lr=0.01",
-             "train.early_stopping.patience=5"]
+             "train.early_stopping.patience=5", "train.device=cpu"]
 
 
 def _config_file(tmp_path: Path, demo_data: Path, extra: list[str]) -> Path:
@@ -94,3 +95,16 @@ def test_a_rank_that_dies_fails_the_run(tmp_path: Path, demo_data: Path) -> None
     assert proc.returncode != 0
     assert "rank" in err.lower() and ("failed" in err.lower() or "error" in err.lower()), err[-2000:]
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_auto_takes_cuda_only_with_a_gpu_per_local_process() -> None:
+    """Seen on a one-GPU machine: ``--nproc 2`` with ``auto`` put rank 1 on cuda:1 ("invalid device ordinal")."""
+    from model.train import use_cuda
+    from mtrank.config import ConfigError
+
+    assert use_cuda("auto", gpus=1, local_processes=1) and use_cuda("auto", gpus=2, local_processes=2)
+    assert not use_cuda("auto", gpus=1, local_processes=2) and not use_cuda("auto", gpus=0, local_processes=1)
+    assert not use_cuda("cpu", gpus=4, local_processes=1) and use_cuda("cuda", gpus=2, local_processes=2)
+    for gpus, procs in ((0, 1), (1, 2)):
+        with pytest.raises(ConfigError, match=r"train.device: 'cuda' with \d process\(es\) on this machine needs"):
+            use_cuda("cuda", gpus=gpus, local_processes=procs)
