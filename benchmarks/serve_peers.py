@@ -14,7 +14,8 @@ server, closed-loop load over loopback at ``--concurrency`` connections, for ``-
 2. **Requests.** ``--bodies`` distinct bodies per size, cycled: one impression's request-side features (user and
    context; ``user_id`` in the body's ``user_id``) in ``context``, n distinct items' item-side features
    (``item_id`` in the candidate's ``item_id``) in ``candidates[].features``, JSON types as in the data (integer
-   codes, numbers); the same files for every server.
+   codes, numbers); the same files for every server, and the same bodies with their candidates as columns
+   (``RankColumnsRequest``) for the mtrank server that takes those.
 3. **Preparation** (a child process, the only one importing torch, before any server starts): the torch-rechub
    model exported with torch-rechub's ONNX exporter (``benchmarks.peer_services.export_rechub``); **parity** of
    (b) and (c) with the fp32 bundle (``peer_services.parity``: max |p - p_mtrank| per task over the first 2 bodies
@@ -23,8 +24,8 @@ server, closed-loop load over loopback at ``--concurrency`` connections, for ``-
    request of B candidates in the fp32 bundle (``model_speed.profiled_macs``).
 4. **Servers**, all started once and kept up for the whole run, one uvicorn worker unless stated: (a) ``mtrank
    serve --bundles DIR --workers 1`` with the fp32 bundle and with the int8 bundle (their default
-   ``onnx.intra_op_threads: auto``: all cores for one worker), fp32 with ``MTRANK_ONNX__INTRA_OP_THREADS=1`` (the
-   server whose CPU is accounted, step 6), and fp32 with the default ``--workers auto`` (one worker per core, one
+   ``onnx.intra_op_threads: auto``: all cores for one worker), fp32 sent the column-form bodies, fp32 with
+   ``MTRANK_ONNX__INTRA_OP_THREADS=1`` (the server whose CPU is accounted, step 6), and fp32 with the default ``--workers auto`` (one worker per core, one
    intra-op thread each); (b) naive and (c) rechub: ``python -m uvicorn --factory
    benchmarks.peer_services:naive_app`` / ``rechub_app`` with ``--no-access-log`` (mtrank's access log is off too),
    with torch's and onnxruntime's default threads (all cores).
@@ -39,9 +40,10 @@ server, closed-loop load over loopback at ``--concurrency`` connections, for ``-
    per request spent outside the model = 1 - the model's quiet ``session.run`` seconds (step 3: one thread, so its
    wall time is its CPU time) / the server's CPU seconds per request (/proc). Under load the inference stage's wall
    time also holds waits for the GIL and the cores, so it cannot stand for the model's CPU.
-7. ``--half-load``: after the rounds, mtrank fp32 at 500 candidates under open-loop load (``_openloop``: Poisson
-   arrivals at half the closed-loop req/s of step 5, each request on an idle keep-alive connection or a new one,
-   latency from the scheduled arrival; warm-up, then 2 x ``--duration``): p50, p99 and whether p99 <= 2 x p50.
+7. ``--half-load``: after the rounds, mtrank fp32 at 500 candidates under open-loop load (``_openloop``: arrivals
+   at half the closed-loop req/s of step 5, Poisson and then evenly spaced, each request on an idle keep-alive
+   connection or a new one, latency from the scheduled arrival; warm-up, then 2 x ``--duration`` each): p50, p99
+   and whether p99 <= 2 x p50, beside what an ideal queue gives under Poisson arrivals (``ideal_tail``).
 
 Targets (issue 9), at 500 candidates, one worker, fp32: requests/s >= 4x (b) and >= 2x (c).
 
@@ -102,6 +104,7 @@ SIZES = (50, 200, 500, 1000)
 ROWS, SEED = 150_000, 0
 PARITY_BODIES = 2  # per size
 TARGET_N, TARGET_NAIVE, TARGET_RECHUB = 500, 4.0, 2.0
+MAX_IDLE_S = 2.0  # the open-loop client's limit on reusing an idle keep-alive connection
 STAGE_RE = re.compile(r'^mtrank_rank_stage_seconds_(sum|count)\{stage="([^"]+)"\} (\S+)$', re.M)
 ONE_THREAD = {"MTRANK_ONNX__INTRA_OP_THREADS": "1"}
 ACCOUNTED = "fp32-1t"  # the server whose CPU per request is split into model and the rest (one intra-op thread)
@@ -134,8 +137,8 @@ class Paths:
         (d / "CURRENT").write_text(f"{version}\n")
         return d
 
-    def bodies(self, n: int) -> Path:
-        return self.work / f"serve_peers-bodies-{n}.jsonl"
+    def bodies(self, n: int, columns: bool = False) -> Path:
+        return self.work / f"serve_peers-bodies-{n}{'-columns' if columns else ''}.jsonl"
 
 
 def ensure_model(paths: Paths, arch: str, epochs: int) -> float | None:
@@ -183,6 +186,17 @@ def write_bodies(paths: Paths, schema: FittedSchema, sizes: list[int], count: in
             cands = [{"item_id": str(i), "features": items[i]} for i in rng.sample(ids, n)]
             lines.append(json.dumps({"user_id": str(user), "context": imp, "candidates": cands}))
         paths.bodies(n).write_text("\n".join(lines) + "\n")
+        paths.bodies(n, columns=True).write_text("\n".join(map(_as_columns, lines)) + "\n")
+
+
+def _as_columns(line: str) -> str:
+    """The same body with its candidates as columns (``RankColumnsRequest``)."""
+    body = json.loads(line)
+    cands = body["candidates"]
+    names = sorted(set().union(*(c["features"] for c in cands)))
+    body["candidates"] = {"item_id": [c["item_id"] for c in cands],
+                          "features": {k: [c["features"].get(k) for c in cands] for k in names}}
+    return json.dumps(body)
 
 
 # ------------------------------------------------------------------------- preparation (child process)
@@ -291,6 +305,7 @@ class Variant:
     cfg: ServerConfig
     bundles: Path | None = None  # mtrank serve --bundles
     factory: str | None = None  # a benchmarks.peer_services app factory
+    columns: bool = False  # send the candidates as columns (mtrank's RankColumnsRequest)
 
 
 class PeerServer(Server):
@@ -318,6 +333,8 @@ def variants(paths: Paths) -> list[Variant]:
     return [
         Variant(ServerConfig("fp32", "(a) mtrank fp32, 1 worker", 1, {}), bundles=fp32),
         Variant(ServerConfig("int8", "(a) mtrank int8, 1 worker", 1, {}), bundles=int8),
+        Variant(ServerConfig("columns", "(a) mtrank fp32, 1 worker, candidates as columns", 1, {}), bundles=fp32,
+                columns=True),
         Variant(ServerConfig(ACCOUNTED, "(a) mtrank fp32, 1 worker, 1 intra-op thread", 1, ONE_THREAD), bundles=fp32),
         Variant(ServerConfig("auto", f"(a) mtrank fp32, the default --workers auto ({cores} workers)", cores, {}),
                 bundles=fp32),
@@ -351,11 +368,12 @@ def loop_thread_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def drive(server: Server, n: int, paths: Paths, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+def drive(server: Server, n: int, paths: Paths, args: argparse.Namespace, tag: str, columns: bool = False
+          ) -> dict[str, Any]:
     """One closed-loop run of serve_bench's load generator against ``server``."""
     out = paths.work / f"serve_peers-load-{tag}.json"
     subprocess.run([sys.executable, serve_bench.__file__, "_loadgen", "--port", str(server.port),
-                    "--bodies", str(paths.bodies(n)), "--concurrency", str(args.concurrency),
+                    "--bodies", str(paths.bodies(n, columns)), "--concurrency", str(args.concurrency),
                     "--duration", str(args.duration), "--warmup", str(args.warmup), "--max-requests",
                     str(args.max_requests), "--expect-items", str(n), "--server-pids",
                     ",".join(map(str, process_tree(server.proc.pid))), "--out", str(out)], check=True, cwd=ROOT)
@@ -368,7 +386,7 @@ def measure(v: Variant, server: Server, n: int, r: int, paths: Paths, args: argp
     inside = v.cfg.key == ACCOUNTED
     if inside:
         stages0, loop0, cpu0 = stage_totals(server.port), loop_thread_cpu(pid), cpu_seconds(pid)
-    res = drive(server, n, paths, args, f"{v.cfg.key}-{n}-{r}")
+    res = drive(server, n, paths, args, f"{v.cfg.key}-{n}-{r}", v.columns)
     if inside:
         stages = stage_totals(server.port)
         res["stages"] = {st: [s - stages0.get(st, [0, 0])[0], c - stages0.get(st, [0, 0])[1]]
@@ -392,7 +410,7 @@ def run_http(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         for v in vs:
             servers[v.cfg.key].wait_ready()
             startup[v.cfg.key] = time.perf_counter() - t0  # all start together: an upper bound
-        for key in ("fp32", "int8", ACCOUNTED):  # loop_thread_cpu reads the main thread; the targets are per worker
+        for key in ("fp32", "int8", "columns", ACCOUNTED):  # loop_thread_cpu reads the main thread; the targets are per worker
             if len(process_tree(servers[key].proc.pid)) != 1:
                 raise RuntimeError(f"mtrank {key}, 1 worker: expected one process, got {servers[key].cmd}")
         log(f"{len(vs)} servers ready; {args.rounds} round(s) x {len(args.sizes)} sizes x {len(vs)} servers, "
@@ -403,7 +421,11 @@ def run_http(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         stages = {str(n): stage_costs([x for x in runs if x["n"] == n and "stages" in x]) for n in args.sizes}
         half = None
         if args.half_load:
-            half = half_load(servers["fp32"], summary[str(TARGET_N)]["fp32"]["rps"], paths, args)
+            try:
+                half = half_load(servers["fp32"], summary[str(TARGET_N)]["fp32"]["rps"], paths, args)
+            except subprocess.CalledProcessError as err:  # keep the closed-loop results
+                log(f"half load failed: {err}")
+                half = {"error": f"the open-loop client exited with {err.returncode}"}
     finally:
         for s in servers.values():
             s.stop()
@@ -427,57 +449,93 @@ def stage_costs(runs: list[dict[str, Any]]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- open-loop load
 
 
+ARRIVALS = ("poisson", "uniform")
+
+
+def ideal_tail(servers: int, load: float = 0.5, n: int = 200_000) -> float:
+    """p99 / p50 of the response time of an ideal queue: Poisson arrivals, ``servers`` servers each busy a constant
+    time per request, at ``load`` of its capacity (simulated, fixed seed): the floor that arrival bursts set."""
+    rng = random.Random(SEED)
+    t, free, resp = 0.0, [0.0] * servers, []
+    for _ in range(n):
+        t += rng.expovariate(load * servers)
+        k = min(range(servers), key=free.__getitem__)
+        free[k] = max(t, free[k]) + 1.0
+        resp.append(free[k] - t)
+    return quantile(resp, 0.99) / quantile(resp, 0.5)
+
+
 def half_load(server: Server, saturation_rps: float, paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    """Open-loop runs at half the closed-loop saturation: Poisson arrivals (bursts queue), then evenly spaced ones
+    (what is left is the service's own variation: GC, the GIL, thread hand-offs)."""
     rate = saturation_rps / 2
-    out = paths.work / "serve_peers-openloop.json"
-    log(f"half load: open loop at {rate:.1f} req/s (closed-loop saturation {saturation_rps:.1f} req/s), n={TARGET_N}")
-    subprocess.run([sys.executable, __file__, "_openloop", "--port", str(server.port), "--bodies",
-                    str(paths.bodies(TARGET_N)), "--rate", str(rate), "--warmup", str(args.warmup),
-                    "--duration", str(2 * args.duration), "--out", str(out)], check=True, cwd=ROOT)
-    res = json.loads(out.read_text())
-    lat = res.pop("latencies")
-    res.update(saturation_rps=saturation_rps, p50=quantile(lat, 0.5), p90=quantile(lat, 0.9), p99=quantile(lat, 0.99),
-               max=max(lat, default=float("nan")))
-    log(f"half load: {res['requests']} requests, p50 {ms(res['p50'])} ms, p99 {ms(res['p99'])} ms, "
-        f"p99 / p50 {res['p99'] / res['p50']:.2f}, errors {res['errors']}")
-    return res
+    out: dict[str, Any] = {"rate": rate, "saturation_rps": saturation_rps}
+    for arrivals in ARRIVALS:
+        path = paths.work / f"serve_peers-openloop-{arrivals}.json"
+        log(f"half load: open loop, {arrivals} arrivals at {rate:.1f} req/s (closed-loop saturation "
+            f"{saturation_rps:.1f} req/s), n={TARGET_N}")
+        subprocess.run([sys.executable, __file__, "_openloop", "--port", str(server.port), "--bodies",
+                        str(paths.bodies(TARGET_N)), "--rate", str(rate), "--arrivals", arrivals, "--warmup",
+                        str(args.warmup), "--duration", str(2 * args.duration), "--out", str(path)], check=True, cwd=ROOT)
+        res = json.loads(path.read_text())
+        lat = res.pop("latencies")
+        res.update(p50=quantile(lat, 0.5), p90=quantile(lat, 0.9), p99=quantile(lat, 0.99), max=max(lat, default=float("nan")))
+        log(f"half load, {arrivals}: {res['requests']} requests, p50 {ms(res['p50'])} ms, p99 {ms(res['p99'])} ms, "
+            f"p99 / p50 {res['p99'] / res['p50']:.2f}, errors {res['errors']}")
+        out[arrivals] = res
+    return out
 
 
-async def open_loop(port: int, bodies: list[bytes], rate: float, warmup: float, duration: float) -> dict[str, Any]:
-    """Poisson arrivals at ``rate``; each request on an idle keep-alive connection (a new one when none is idle);
-    latency from the scheduled arrival, so a late server is not hidden by a late client."""
+async def open_loop(port: int, bodies: list[bytes], rate: float, warmup: float, duration: float,
+                    arrivals: str = "poisson") -> dict[str, Any]:
+    """Arrivals at ``rate``, Poisson or evenly spaced; each request on an idle keep-alive connection (a new one
+    when none is idle); latency from the scheduled arrival, so a late server is not hidden by a late client."""
     head = (f"POST /rank HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
             "Content-Length: {n}\r\n\r\n")
     requests = [head.format(n=len(b)).encode() + b for b in bodies]
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # last used last (LIFO)
     lat: list[float] = []
-    counts = {"errors": 0, "connections": 0}
+    counts = {"errors": 0, "connections": 0, "resent": 0}
     t = time.perf_counter()
     t_warm = t + warmup
     t_end = t_warm + duration
 
+    async def connection() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while idle:  # servers close idle keep-alive connections (uvicorn: after 5 s): never reuse one idle for 2 s
+            reader, writer, used = idle.pop()
+            if time.perf_counter() - used < MAX_IDLE_S:
+                return reader, writer
+            writer.close()
+        counts["connections"] += 1
+        return await asyncio.open_connection("127.0.0.1", port)
+
     async def one(k: int, t_sched: float) -> None:
-        if idle:
-            reader, writer = idle.pop()
-        else:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            counts["connections"] += 1
-        writer.write(requests[k % len(requests)])
-        status, _ = await serve_bench._read_response(reader)
-        idle.append((reader, writer))
+        for attempt in range(2):  # a reused connection the server closed meanwhile: once more on a fresh one
+            reader, writer = await connection()
+            try:
+                writer.write(requests[k % len(requests)])
+                status, _ = await serve_bench._read_response(reader)
+                break
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+                counts["resent"] += 1
+                if attempt:
+                    raise
+        idle.append((reader, writer, time.perf_counter()))
         if t_sched >= t_warm:
             lat.append(time.perf_counter() - t_sched)
             counts["errors"] += status != 200
 
     rng = random.Random(SEED)
     tasks = []
-    while (t := t + rng.expovariate(rate)) < t_end:
+    while (t := t + (rng.expovariate(rate) if arrivals == "poisson" else 1 / rate)) < t_end:
         await asyncio.sleep(max(0.0, t - time.perf_counter()))
         tasks.append(asyncio.create_task(one(len(tasks), t)))
     await asyncio.gather(*tasks)
-    for _, writer in idle:
+    for _, writer, _ in idle:
         writer.close()
-    return {"rate": rate, "duration_s": duration, "requests": len(lat), "achieved_rps": len(lat) / duration,
+    return {"rate": rate, "arrivals": arrivals, "duration_s": duration, "requests": len(lat),
+            "achieved_rps": len(lat) / duration,
             **counts, "latencies": lat}
 
 
@@ -488,13 +546,14 @@ def openloop_main(argv: list[str]) -> int:
     ap.add_argument("--rate", type=float, required=True)
     ap.add_argument("--warmup", type=float, required=True)
     ap.add_argument("--duration", type=float, required=True)
+    ap.add_argument("--arrivals", choices=ARRIVALS, default="poisson")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     import uvloop
 
     bodies = [b for b in Path(a.bodies).read_bytes().split(b"\n") if b]
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        res = runner.run(open_loop(a.port, bodies, a.rate, a.warmup, a.duration))
+        res = runner.run(open_loop(a.port, bodies, a.rate, a.warmup, a.duration, a.arrivals))
     Path(a.out).write_text(json.dumps(res))
     return 0
 
@@ -557,12 +616,13 @@ def render(meta: dict[str, Any], facts: dict[str, Any], http: dict[str, Any] | N
             lines.append(f"| {n} | {s['label']} | {s['rps']:.1f} | {s['rps'] * n:,.0f} | {ms(s['p50'])} | "
                          f"{ms(s['p99'])} | {s['server_cpu_ms_per_req']:.2f} | {s['errors']} |")
     lines += ["", "Throughput ratios (req/s, same size):", "",
-              "| candidates | fp32 / (b) | fp32 / (c) | int8 / (b) | int8 / (c) | workers auto / (b) | workers auto / (c) | int8 / fp32 |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| candidates | fp32 / (b) | fp32 / (c) | int8 / (b) | int8 / (c) | workers auto / (b) | workers auto / (c) | int8 / fp32 | columns / fp32 |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in sizes:
         s = summ[str(n)]
         lines.append(f"| {n} | " + " | ".join(_x(s[a]["rps"], s[b]["rps"]) for a in ("fp32", "int8", "auto")
-                                              for b in ("naive", "rechub")) + f" | {_x(s['int8']['rps'], s['fp32']['rps'])} |")
+                                              for b in ("naive", "rechub")) + f" | {_x(s['int8']['rps'], s['fp32']['rps'])} | "
+                     f"{_x(s['columns']['rps'], s['fp32']['rps'])} |")
     ins = http["inside"]
     stages = sorted({st for n in sizes for st in ins[str(n)]["stages_s"]})
     quiet = "macs" in facts
@@ -593,14 +653,23 @@ def render(meta: dict[str, Any], facts: dict[str, Any], http: dict[str, Any] | N
                      + (f" | {row['macs'] / 1e6:.1f} | {both(row, 'gflops', '.1f')} | {row['gemm_gflops']:.1f} | "
                         f"{both(row, 'gemm_share', '.0%')}" if quiet else "") + " |")
     half = http["half_load"]
-    if half is not None:
-        ok = half["p99"] <= 2 * half["p50"]
-        lines += ["", f"Half load (mtrank fp32, {TARGET_N} candidates, open loop, Poisson arrivals at "
-                  f"{half['rate']:.1f} req/s = half the closed-loop {half['saturation_rps']:.1f} req/s, "
-                  f"{half['duration_s']:g} s, {half['connections']} connections opened): {half['requests']} requests, "
-                  f"p50 {ms(half['p50'])} ms, p90 {ms(half['p90'])} ms, p99 {ms(half['p99'])} ms, p99 / p50 "
-                  f"{half['p99'] / half['p50']:.2f}: target p99 <= 2 x p50 **{'met' if ok else 'missed'}**; "
-                  f"{half['errors']} errors."]
+    if half is not None and "error" in half:
+        lines += ["", f"Half load: not measured ({half['error']})."]
+    elif half is not None:
+        lines += ["", f"Half load (mtrank fp32, 1 worker, {TARGET_N} candidates, open loop at {half['rate']:.1f} req/s = "
+                  f"half the closed-loop {half['saturation_rps']:.1f} req/s; latency from each request's scheduled "
+                  "arrival; a keep-alive connection idle for 2 s is not reused). Poisson arrivals come in bursts that "
+                  "queue: an ideal queue with a constant service time has p99 / p50 = "
+                  f"{ideal_tail(1):.1f} with one server and {ideal_tail(2):.1f} with two at half load under them "
+                  "(simulated), so the target cannot hold for them; evenly spaced arrivals leave the service's own "
+                  "variation (GC, the GIL, thread hand-offs):", "",
+                  "| arrivals | requests | p50 ms | p90 ms | p99 ms | max ms | p99 / p50 | target p99 <= 2 x p50 | errors | "
+                  "connections opened | resent |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+        for arrivals in ARRIVALS:
+            h = half[arrivals]
+            lines.append(f"| {arrivals} | {h['requests']} | {ms(h['p50'])} | {ms(h['p90'])} | {ms(h['p99'])} | "
+                         f"{ms(h['max'])} | {h['p99'] / h['p50']:.2f} | {'met' if h['p99'] <= 2 * h['p50'] else 'missed'}"
+                         f" | {h['errors']} | {h['connections']} | {h['resent']} |")
     lines += ["", "Targets (issue 9):", "", *(f"* {v}" for v in verdicts(summ)), "",
               f"Raw results: `{meta['out_json']}` (JSON, not committed).", "", END]
     return "\n".join(lines)

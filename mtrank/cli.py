@@ -27,6 +27,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validated before any process starts
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        import torch
+
+        from model.train import use_cuda
+
+        use_cuda(cfg.train.device, torch.cuda.device_count() if torch.cuda.is_available() else 0, args.nproc)
         return _torchrun(args.nproc, ["train", args.config, "--out", args.out,
                                       *(a for o in args.overrides for a in ("--set", o))])
     from model.evaluate import format_table

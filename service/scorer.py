@@ -2,8 +2,10 @@
 
 A request is scored in one pass, vectorised over the candidates:
 
-1. columns: per schema feature, one list of raw values over the whole candidate list (request
-   value, else feature-store value, else None = the schema default) — one comprehension per feature;
+1. columns: per schema feature, the raw values over the whole candidate list (request value, else
+   feature-store value, else None = the schema default); the request's columns come from the body parser
+   (``service.rank_body``: lists, an integer column as int64 [n]), one comprehension per feature merges
+   the store's;
 2. ``FeatureEncoder.encode("request", cols, 1)`` -> ``request_ids`` int64 [1, S_r], ``request_dense``
    float32 [1, D_r] (the graph broadcasts a request batch of 1 over the candidates) and
    ``encode("item", cols, n)`` -> ``item_ids`` int64 [n, S_i], ``item_dense`` float32 [n, D_i];
@@ -76,6 +78,13 @@ class RankInput:
     def item_names(self) -> set[str]:
         """Every item feature name the request sent."""
         return set(self.columns) if self.columns is not None else set().union(*self.item_features or ())
+
+    def column(self, name: str) -> list[Any] | np.ndarray | None:
+        """The values the request sent for item feature ``name``, [n] (None where a candidate has none); None when
+        the request has no such column (columns given and none names it)."""
+        if self.columns is not None:
+            return self.columns.get(name)
+        return [f.get(name) for f in self.item_features or ()]
 
     def sent(self, i: int, name: str) -> Any:
         """The value the request sent for candidate ``i``'s feature ``name`` (None: none)."""
@@ -249,26 +258,21 @@ class Model:
 
     def item_columns(self, inp: RankInput, rows: Sequence[Row]) -> dict[str, Any]:
         """feature name -> [n] raw values: candidate features, else store rows, else missing."""
-        feats = inp.item_features  # [n] dicts (None: columns sent)
-        sent = inp.columns
         n = len(inp.item_ids)
         cols: dict[str, Any] = {}
         for f in self.item_features:
             name = f.name
-            if name == "item_id":
-                col: list[Any] = inp.item_ids  # the request's item ids feed an item_id feature
-            elif sent is not None and name not in sent:
-                col = [r.get(name) for r in rows] if rows else [None] * n
-            elif sent is not None and isinstance(sent[name], np.ndarray):  # integers, every candidate's: checked
-                given = sent[name]
+            given = inp.item_ids if name == "item_id" else inp.column(name)  # the request's ids feed an item_id feature
+            if isinstance(given, np.ndarray):  # an integer column from the parser: every candidate's, checked
                 cols[name] = given.astype(np.float64) if f.kind == "numeric" else \
                     given if f.kind == "categorical" else given.tolist()
                 continue
-            elif rows:
-                given = sent[name] if sent is not None else [cf.get(name) for cf in feats or ()]
+            if given is None:
+                col: list[Any] = [r.get(name) for r in rows] if rows else [None] * n
+            elif rows and name != "item_id":
                 col = [v if v is not None else r.get(name) for v, r in zip(given, rows)]
             else:
-                col = sent[name] if sent is not None else [cf.get(name) for cf in feats or ()]
+                col = given
             if f.kind == "numeric":
                 cols[name] = self._numeric_column(f, col, inp)
             elif f.kind == "categorical":

@@ -108,3 +108,20 @@ def test_auto_takes_cuda_only_with_a_gpu_per_local_process() -> None:
     for gpus, procs in ((0, 1), (1, 2)):
         with pytest.raises(ConfigError, match=r"train.device: 'cuda' with \d process\(es\) on this machine needs"):
             use_cuda("cuda", gpus=gpus, local_processes=procs)
+
+
+def test_nproc_with_too_few_gpus_for_cuda_is_a_config_error_before_any_process_starts(tmp_path: Path,
+                                                                                          demo_data: Path) -> None:
+    """Each rank used to find it (the error twice, then torchrun's traceback and exit 1)."""
+    import torch
+
+    cfg = _config_file(tmp_path, demo_data, [])
+    nproc = (torch.cuda.device_count() if torch.cuda.is_available() else 0) + 1
+    proc = subprocess.run([sys.executable, "-m", "mtrank", "train", str(cfg), "--out", str(tmp_path / "run"),
+                           "--nproc", str(nproc), "--set", "train.device=cuda"], capture_output=True, text=True,
+                          timeout=120, env=_env())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"mtrank train: error: train.device: 'cuda' with {nproc} process(es) on this machine needs as many GPUs "
+        f"(one per process), found {nproc - 1}"]
+    assert not (tmp_path / "run").exists()
