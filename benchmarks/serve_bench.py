@@ -10,8 +10,8 @@ baseline measured in the same run, on the same bundle and the same requests:
    (like the service). A ``--workdir`` that already holds ``bundles/CURRENT`` is reused.
 2. **In-process** (onnxruntime intra-/inter-op threads fixed to 1): ``service.scorer.Model.load`` and
    ``service.scorer.rank(model, inp, StoreResult(), fusion, top_k, reject)``, the function the /rank
-   handler runs in its executor, called as the handler calls it (``RankInput`` built from a parsed
-   ``RankRequest``, the default fusion profile, an empty feature-store result) for 10, 100, 500 and 1000
+   handler runs in its executor, called as the handler calls it (``RankInput`` built from the body as
+   ``service.rank_body.parse_rank`` reads it, the default fusion profile, an empty feature-store result) for 10, 100, 500 and 1000
    candidates whose features are drawn from the synthetic items. Reports total and per-stage medians
    (``Scored.timings``), p99, and the handler's other work on the same requests (body parsing, response
    building, the prediction log). Baselines through the same ``InferenceSession``: (a) one run per
@@ -190,8 +190,8 @@ class InprocSize:
     features: list[float] = field(default_factory=list)
     inference: list[float] = field(default_factory=list)
     rest: list[float] = field(default_factory=list)  # calibration + fusion + argsort (rank() minus the timed stages)
-    parse: list[float] = field(default_factory=list)  # json.loads + RankRequest validation (what FastAPI does)
-    respond: list[float] = field(default_factory=list)  # response_items + pydantic_core.to_json
+    parse: list[float] = field(default_factory=list)  # service.rank_body.parse_rank (what the handler does)
+    respond: list[float] = field(default_factory=list)  # response_items + orjson.dumps (what the handler does)
     predlog: list[float] = field(default_factory=list)  # JoinStore.put (memory backend)
     batched: list[float] = field(default_factory=list)  # one session.run over n candidates, request inputs [1, .]
     per_candidate: list[float] = field(default_factory=list)  # n session.runs of batch 1
@@ -232,11 +232,11 @@ def _clock(fn: Callable[[], Any]) -> float:
 def run_inprocess(bundle_dir: Path, bodies: dict[int, list[bytes]], reps: dict[int, int],
                   baseline_reps: dict[int, int]) -> dict[str, Any]:
     import numpy as np
-    import pydantic_core
+    import orjson
 
     from service.feature_store import StoreResult
     from service.feedback.memory import MemoryJoinStore
-    from service.schemas import RankRequest
+    from service.rank_body import RankBody, parse_rank
     from service.scorer import Model, RankInput, rank, response_items
     from service.settings import FeedbackSettings, FusionSettings, OnnxSettings, Settings
 
@@ -251,12 +251,11 @@ def run_inprocess(bundle_dir: Path, bodies: dict[int, list[bytes]], reps: dict[i
     results: dict[int, InprocSize] = {}
     shapes: dict[str, list[int]] = {}
 
-    def parse(body: bytes) -> RankRequest:
-        return RankRequest.model_validate(json.loads(body))
+    def parse(body: bytes) -> RankBody:
+        return parse_rank(body, "application/json")
 
-    def to_input(req: RankRequest) -> RankInput:  # as the /rank handler builds it
-        return RankInput(req.user_id, req.context, [c.item_id for c in req.candidates],
-                         [c.features for c in req.candidates])
+    def to_input(b: RankBody) -> RankInput:  # as the /rank handler builds it
+        return RankInput(b.options.user_id, b.options.context, b.item_ids, b.item_features, b.columns, b.columnar)
 
     with service_gc():
         for n in SIZES:
@@ -264,12 +263,12 @@ def run_inprocess(bundle_dir: Path, bodies: dict[int, list[bytes]], reps: dict[i
             reqs = [parse(b) for b in bodies[n]]
             inps = [to_input(r) for r in reqs]
             for req, inp in zip(reqs, inps):  # warm-up: every request once
-                rank(model, inp, StoreResult(), fusion, req.top_k, reject)
+                rank(model, inp, StoreResult(), fusion, req.options.top_k, reject)
             for k in range(reps[n]):
                 i = k % len(inps)
                 req, inp, body = reqs[i], inps[i], bodies[n][i]
                 t0 = time.perf_counter()
-                ranked = rank(model, inp, StoreResult(), fusion, req.top_k, reject)
+                ranked = rank(model, inp, StoreResult(), fusion, req.options.top_k, reject)
                 total = time.perf_counter() - t0
                 t = ranked.scored.timings
                 res.total.append(total)
@@ -279,9 +278,9 @@ def run_inprocess(bundle_dir: Path, bodies: dict[int, list[bytes]], reps: dict[i
                 res.parse.append(_clock(lambda body=body: parse(body)))
                 base = {"request_id": f"r{k}", "model_version": model.version, "fusion": settings.fusion.default,
                         "arm": "default", "degraded": False}
-                res.respond.append(_clock(lambda ranked=ranked, inp=inp, req=req, base=base: pydantic_core.to_json(
-                    {**base, "items": response_items(inp.item_ids, ranked, model.task_names, req.raw_scores,
-                                                     req.return_task_scores)})))
+                res.respond.append(_clock(lambda ranked=ranked, inp=inp, req=req, base=base: orjson.dumps(
+                    {**base, "items": response_items(inp.item_ids, ranked, model.task_names, req.options.raw_scores,
+                                                     req.options.return_task_scores)})))
                 res.predlog.append(_clock(lambda ranked=ranked, inp=inp, key=f"r{n}-{k}": predictions.put(
                     key, model.version, "default", inp.item_ids, model.task_names, ranked.scored.raw,
                     ranked.scored.calibrated)))
@@ -720,8 +719,8 @@ def render(meta: dict[str, Any], inproc: dict[str, Any] | None, http: dict[str, 
                          f"{ms(s['features']['median'])} | {ms(s['inference']['median'])} | {ms(s['rest']['median'])} | "
                          f"{1e6 * s['total']['median'] / s['n']:.1f} |")
         lines += ["", "The handler's other work on the same requests, same process (not in `rank()`; runs on the "
-                  "event loop): parsing = `json.loads` + `RankRequest` validation (what FastAPI does with the body), "
-                  "response = `response_items` + `pydantic_core.to_json`, prediction log = `JoinStore.put` (memory backend). "
+                  "event loop): parsing = `service.rank_body.parse_rank` (what the handler does with the body), "
+                  "response = `response_items` + `orjson.dumps`, prediction log = `JoinStore.put` (memory backend). "
                   "Medians in ms; the last column compares them with `rank()` itself.", "",
                   "| candidates | parse p50 | response p50 | prediction log p50 | (parse + response + log) / rank |",
                   "|---:|---:|---:|---:|---:|"]
