@@ -110,10 +110,14 @@ def hash_columns(columns: Sequence[Sequence[Any] | np.ndarray], n: int) -> tuple
     missing = np.zeros((len(columns), n), dtype=bool)
     if ints:
         hashes[ints] = fnv1a64_decimal(np.stack(list(as_ints.values())))
-    if texts:
+    if texts and n * len(texts) <= _UNIQUE_FROM:  # a request's columns: one call for all
         canonical = [canonical_strings(columns[k]) for k in texts]
         hashes[texts] = fnv1a64(np.concatenate([strings for strings, _ in canonical])).reshape(len(texts), n)
         missing[texts] = [m for _, m in canonical]
+    else:  # a training frame's: one column's strings at a time
+        for k in texts:
+            strings, missing[k] = canonical_strings(columns[k])
+            hashes[k] = fnv1a64(strings)
     return hashes, missing
 
 
@@ -173,8 +177,9 @@ def canonical_strings(values: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, n
         out = np.where(np.isnan(arr), 0, arr).astype(np.int64).astype(str)
         out[np.isnan(arr)] = ""
     elif arr.dtype == object and arr.size and _NO_CONVERSION.issuperset(types := set(map(type, flat := arr.ravel().tolist()))):
-        if types == {int} and -(2**63) <= min(flat) and max(flat) < 2**63:
-            out = np.array(flat, dtype=np.int64).reshape(arr.shape).astype(str)
+        ints = _int64(flat) if types == {int} else None
+        if ints is not None:
+            out = ints.reshape(arr.shape).astype(str)
         else:
             out = np.array(list(map(str, flat)), dtype=str).reshape(arr.shape)  # str() is the canonical form of str and int
             if type(None) in types:

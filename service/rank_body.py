@@ -42,7 +42,6 @@ from service.schemas import (
     MAX_FEATURES,
     MAX_NAME,
     MAX_STR,
-    Candidate,
     RankColumnsRequest,
     RankOptions,
     RankRequest,
@@ -51,7 +50,6 @@ from service.schemas import (
 from service.scorer import InputError
 
 _I64 = 1 << 63
-_CANDIDATE_KEYS = frozenset(Candidate.model_fields)  # item_id, features
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _NUMBERS = frozenset({int, float, bool})
 _NO_FEATURES: dict[str, Any] = {}

@@ -62,6 +62,11 @@ def test_integers_hash_from_their_digits_as_their_decimal_strings() -> None:
         assert hashes[k].tolist() == fnv1a64(strings).tolist(), k
         assert missing[k].tolist() == miss.tolist(), k
     assert missing[4, 0] and not missing[4, 1:].any()
+    big = [list(c[:n]) * 17 for c in columns]  # a training frame's size: text columns hashed one at a time
+    hashes, missing = hash_columns(big, 17 * n)
+    for k, col in enumerate(big):
+        strings, miss = canonical_strings(col)
+        assert hashes[k].tolist() == fnv1a64(strings).tolist() and missing[k].tolist() == miss.tolist(), k
 
 
 def test_numeric_value_rule() -> None:
