@@ -30,17 +30,18 @@ RUN groupadd --system --gid 10001 mtrank \
 COPY --from=build /opt/venv /opt/venv
 
 # Worker and thread counts are settings (service/settings.py), so the environment sets them and compose
-# or `docker run -e` overrides them. The defaults are docs/service.md's 2-core setup: two one-thread
-# workers beat one process with two threads (the GIL serialises parsing and response building); on a
-# larger host raise MTRANK_WORKERS to the cores the container gets, not the threads per worker.
+# or `docker run -e` overrides them. auto: one worker per core the container gets (its CPU quota counts),
+# each with the cores per worker as ONNX Runtime threads; several one-thread workers beat one process with
+# several threads (the GIL serialises parsing and response building). One executor thread per worker suits
+# one-thread workers (docs/service.md, "Multiprocess").
 # MTRANK_HOST: the settings default (127.0.0.1) would be unreachable from outside the container.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MTRANK_HOST=0.0.0.0 \
     MTRANK_PORT=8000 \
-    MTRANK_WORKERS=2 \
-    MTRANK_ONNX__INTRA_OP_THREADS=1 \
+    MTRANK_WORKERS=auto \
+    MTRANK_ONNX__INTRA_OP_THREADS=auto \
     MTRANK_ONNX__EXECUTOR_THREADS=1
 
 # Bundles are data, not image content: the trainer (or any `mtrank export`) writes versions and the
