@@ -40,6 +40,7 @@ from pydantic_core import PydanticCustomError
 
 from service.schemas import (
     MAX_FEATURES,
+    MAX_ID,
     MAX_NAME,
     MAX_STR,
     RankColumnsRequest,
@@ -105,40 +106,42 @@ def _fast(doc: dict[str, Any]) -> RankBody | None:
     ids = [c.get("item_id") for c in cands]
     feats = [c.get("features", _NO_FEATURES) for c in cands]
     sent = sum(f is not _NO_FEATURES for f in feats)
-    if sum(map(len, cands)) != len(cands) + sent or not all(type(i) is str for i in ids):  # only the two keys
-        return None
-    if cands and not (1 <= min(map(len, ids)) and max(map(len, ids)) <= 256):
+    if sum(map(len, cands)) != len(cands) + sent or not _valid_ids(ids):  # only the two keys
         return None
     if not all(type(f) is dict for f in feats) or max(map(len, feats), default=0) > MAX_FEATURES:
         return None
     names: set[str] = set().union(*feats)
     if names and max(map(len, names)) > MAX_NAME:
         return None
-    columns = {}
-    for name in names:
-        col = _checked_column([f.get(name) for f in feats])
-        if col is None:
-            return None
-        columns[name] = col
-    return RankBody(options, ids, feats, columns)
+    columns = _checked_columns({name: [f.get(name) for f in feats] for name in names}, len(ids))
+    return None if columns is None else RankBody(options, ids, feats, columns)
 
 
 def _fast_columns(options: RankOptions, cands: dict[str, Any]) -> RankBody | None:
     """The column form (``CandidateColumns``): item ids and feature columns as sent, each column checked once."""
     ids, feats = cands.get("item_id"), cands.get("features", _NO_FEATURES)
-    if len(cands) != 1 + (feats is not _NO_FEATURES) or type(ids) is not list or not all(type(i) is str for i in ids):
-        return None
-    if ids and not (1 <= min(map(len, ids)) and max(map(len, ids)) <= 256):
+    if len(cands) != 1 + (feats is not _NO_FEATURES) or type(ids) is not list or not _valid_ids(ids):
         return None
     if type(feats) is not dict or len(feats) > MAX_FEATURES or (feats and max(map(len, feats)) > MAX_NAME):
         return None
-    columns = {}
-    for name, values in feats.items():
-        col = _checked_column(values) if type(values) is list and len(values) == len(ids) else None
+    columns = _checked_columns(feats, len(ids))
+    return None if columns is None else RankBody(options, ids, None, columns, columnar=True)
+
+
+def _valid_ids(ids: list[Any]) -> bool:
+    """Every item id a string of 1 to ``MAX_ID`` characters (``service.schemas.Id``)."""
+    return all(type(i) is str for i in ids) and (not ids or (1 <= min(map(len, ids)) and max(map(len, ids)) <= MAX_ID))
+
+
+def _checked_columns(columns: dict[str, Any], n: int) -> dict[str, list[Any] | np.ndarray] | None:
+    """Every column a list of ``n`` values passing ``_checked_column``; None at the first that is not."""
+    out = {}
+    for name, values in columns.items():
+        col = _checked_column(values) if type(values) is list and len(values) == n else None
         if col is None:
             return None
-        columns[name] = col
-    return RankBody(options, ids, None, columns, columnar=True)
+        out[name] = col
+    return out
 
 
 def _checked_column(col: list[Any]) -> list[Any] | np.ndarray | None:

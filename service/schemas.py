@@ -35,10 +35,11 @@ MAX_STR = 1024
 MAX_LIST = 256
 MAX_FEATURES = 256
 MAX_NAME = 128
+MAX_ID = 256
 _I64 = 1 << 63
 RUNTIME_CHECK = "x-mtrank-runtime-check"  # OpenAPI extension: what the server checks beyond the JSON Schema
 
-Id = Annotated[str, Field(min_length=1, max_length=256)]
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
 Name = Annotated[str, Field(max_length=MAX_NAME)]
 
 
