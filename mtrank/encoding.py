@@ -151,14 +151,13 @@ def _canonical(v: Any) -> str | None:
         return None
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, float):
+    if isinstance(v, (float, np.floating)):  # np.float64 is a float, but its repr is "np.float64(2.5)" (numpy 2)
+        v = float(v)
         if v != v:  # NaN
             return None
         return str(int(v)) if v.is_integer() else repr(v)
     if isinstance(v, (int, np.integer)):
         return str(int(v))
-    if isinstance(v, np.floating):
-        return _canonical(float(v))
     s = str(v)
     return s
 
@@ -173,9 +172,10 @@ def canonical_strings(values: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, n
         out = arr
     elif arr.dtype.kind in "iu":
         out = arr.astype(str)
-    elif arr.dtype.kind == "f" and np.all(np.isnan(arr) | (arr == np.round(arr))) and np.all(np.abs(arr[~np.isnan(arr)]) < 2**63):
-        out = np.where(np.isnan(arr), 0, arr).astype(np.int64).astype(str)
-        out[np.isnan(arr)] = ""
+    elif arr.dtype.kind == "f" and np.all(np.isnan(arr) | ((arr == np.round(arr)) & (np.abs(arr) < 2**63))):
+        nan = np.isnan(arr)  # integral floats (a pandas integer column with missing values): their int strings
+        out = np.where(nan, 0, arr).astype(np.int64).astype(str)
+        out[nan] = ""
     elif arr.dtype == object and arr.size and _NO_CONVERSION.issuperset(types := set(map(type, flat := arr.ravel().tolist()))):
         ints = _int64(flat) if types == {int} else None
         if ints is not None:
@@ -185,7 +185,7 @@ def canonical_strings(values: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, n
             if type(None) in types:
                 out[arr == None] = ""  # noqa: E711 (elementwise)
     else:
-        out = np.array([_canonical(v) or "" for v in arr.ravel()], dtype=str).reshape(arr.shape) if arr.size else np.zeros(arr.shape, dtype="<U1")
+        out = np.array([_canonical(v) or "" for v in arr.ravel().tolist()], dtype=str).reshape(arr.shape) if arr.size else np.zeros(arr.shape, dtype="<U1")
     missing = out == ""
     return out, missing
 

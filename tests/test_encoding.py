@@ -95,6 +95,12 @@ def test_canonical_values() -> None:
     s, missing = canonical_strings([21, 21.0, "21", None, float("nan"), "", True, 2.5, "é"])
     assert s.tolist() == ["21", "21", "21", "", "", "", "true", "2.5", "é"]
     assert missing.tolist() == [False, False, False, True, True, True, False, False, False]
+    assert canonical_strings([np.float64(2.5), np.float32(0.5)])[0].tolist() == ["2.5", "0.5"]  # as Python floats
+    # float arrays (pandas integer columns with missing values): integral values as ints, else value by value (the
+    # fraction as Python's repr, as a JSON number arrives at the service: numpy 2's repr of np.float64 used to leak)
+    for values, want in (([3.0, np.nan, -7.0], ["3", "", "-7"]), ([3.0, np.nan, 2.5], ["3", "", "2.5"]),
+                         ([1e19, 1.0], ["10000000000000000000", "1"])):
+        assert canonical_strings(np.array(values))[0].tolist() == want, values
 
 
 def _schema() -> FittedSchema:
