@@ -166,7 +166,7 @@ def _choose_fusion(svc: Services, model: Model, req: RankOptions, request_id: st
 
 def _json(body: dict[str, Any], background: BackgroundTask | None = None, status_code: int = 200) -> Response:
     """Serialise a response we built ourselves (shape = RankResponse, or ErrorResponse) straight to JSON bytes with
-    orjson: 3x pydantic-core's ``to_json``, itself ~4x cheaper than validating the items against the model."""
+    orjson (it replaced pydantic-core's ``to_json``, itself ~4x cheaper than validating the items against the model)."""
     return Response(orjson.dumps(body), status_code=status_code, media_type="application/json", background=background)
 
 

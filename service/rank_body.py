@@ -2,11 +2,11 @@
 
 The candidates come in one of two forms: a list of objects (``RankRequest``: ``{"item_id", "features": {...}}``
 per candidate) or, for clients that can send them, columns (``RankColumnsRequest``: ``{"item_id": [...],
-"features": {name: [...]}}``, a third of the JSON for a typical body and no object per candidate to build).
+"features": {name: [...]}}``: one key per feature instead of one per value, and no object per candidate to build).
 
 A valid body takes the **fast path**:
 
-1. ``orjson.loads`` on the raw bytes (about 3x ``json.loads``);
+1. ``orjson.loads`` on the raw bytes;
 2. the fields other than ``candidates`` (a few values) through :class:`service.schemas.RankOptions`;
 3. the candidates checked **per column, not per value**: in the list form every candidate an object with
    ``item_id`` (a string of 1-256 characters) and at most ``features``, then per feature name the column of its
