@@ -19,6 +19,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def gpu_count() -> int:
+    """CUDA devices this process can use (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def local_world_size() -> int:
     """Processes of this run on this machine (torchrun's ``LOCAL_WORLD_SIZE``; 1 alone)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -113,8 +113,7 @@ class Placement:
     def resolve(cls, device: str) -> Placement:
         """Under torchrun (``WORLD_SIZE`` > 1) this process joins the group: gloo on CPU, nccl with one GPU per
         local rank (``use_cuda`` says which)."""
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        dev, rank, world = distributed.init(use_cuda(device, gpus, distributed.local_world_size()))
+        dev, rank, world = distributed.init(use_cuda(device, distributed.gpu_count(), distributed.local_world_size()))
         return cls(dev, rank, world)
 
 

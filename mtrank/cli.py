@@ -27,11 +27,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validated before any process starts
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        import torch
-
+        from model.distributed import gpu_count
         from model.train import use_cuda
 
-        use_cuda(cfg.train.device, torch.cuda.device_count() if torch.cuda.is_available() else 0, args.nproc)
+        use_cuda(cfg.train.device, gpu_count(), args.nproc)
         return _torchrun(args.nproc, ["train", args.config, "--out", args.out,
                                       *(a for o in args.overrides for a in ("--set", o))])
     from model.evaluate import format_table
@@ -176,15 +175,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     private, public, kid = generate_keypair(args.out)
     print(json.dumps({"private_key": str(private), "public_key": str(public), "key_id": kid}, indent=1))
     return 0
-
-
-def _workers(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"an integer or auto, got {text!r}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -343,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundles", required=True, help="bundles directory")
     p.add_argument("--host", help="default: config file / $MTRANK_HOST / 127.0.0.1")
     p.add_argument("--port", type=int, help="default: config file / $MTRANK_PORT / 8000")
-    p.add_argument("--workers", type=_workers, help="uvicorn worker processes (prometheus multiprocess mode when > 1), "
+    p.add_argument("--workers", help="uvicorn worker processes (prometheus multiprocess mode when > 1), "
                    "or auto: one per available core (the default, with onnx.intra_op_threads shared out to match)")
     p.add_argument("--config", help="service YAML config (also $MTRANK_CONFIG)")
     p.set_defaults(func=cmd_serve)
