@@ -10,6 +10,10 @@ Two parts, each a table in ``docs/benchmarks.md``; every number is a test AUC re
                  same split, run to its own early stopping. Wall time = the model's training and per-epoch
                  validation, data preparation excluded on both sides.
 * ``balancers``  the shipped MMoE and PLE configs with ``train.balancer`` set to each method.
+* ``ceiling``    how far the data lets each task go, on the **validation** half only: gradient-boosted trees
+                 (scikit-learn's ``HistGradientBoostingClassifier``, native categorical splits) on the raw columns,
+                 one model per task at two capacities, beside the shipped MMoE's validation AUC. A second model
+                 family stopping where ours stops says the ceiling is the features', not the network's.
 
 Jobs run ``--jobs`` at a time (default 2, one per core), each in a fresh process with one torch thread, so ours and
 the peer share the machine the same way.
@@ -18,6 +22,7 @@ Usage (from the repository root)::
 
     env -u OPENBLAS_CORETYPE python benchmarks/census_recipe.py recipe [--peer-archs mmoe] [--seeds 0,1,2]
     env -u OPENBLAS_CORETYPE python benchmarks/census_recipe.py balancers [--seeds 0,1,2]
+    env -u OPENBLAS_CORETYPE python benchmarks/census_recipe.py ceiling [--seeds 0,1,2]
     env -u OPENBLAS_CORETYPE python benchmarks/census_recipe.py recipe --quick    # smoke: mmoe, 1 seed, 2 epochs
 """
 
@@ -48,7 +53,13 @@ BALANCERS = {"fixed": "fixed", "uncertainty": "uncertainty", "gradnorm": "gradno
 TASKS = ["income", "marital"]
 TARGETS = {"income": 0.953, "marital": 0.9950}
 MARKERS = {"recipe": ("<!-- census-recipe:start -->", "<!-- census-recipe:end -->"),
-           "balancers": ("<!-- census-balancers:start -->", "<!-- census-balancers:end -->")}
+           "balancers": ("<!-- census-balancers:start -->", "<!-- census-balancers:end -->"),
+           "ceiling": ("<!-- census-ceiling:start -->", "<!-- census-ceiling:end -->")}
+TITLES = {"recipe": "## Census-Income: shipped recipes vs torch-rechub's own recipe",
+          "balancers": "## Census-Income: loss balancers on MMoE and PLE",
+          "ceiling": "## Census-Income: how far the features go (validation half)"}
+GBDT = {"300 trees, lr 0.1, 63 leaves": {"learning_rate": 0.1, "max_iter": 300, "max_leaf_nodes": 63},
+        "1000 trees, lr 0.05, 255 leaves": {"learning_rate": 0.05, "max_iter": 1000, "max_leaf_nodes": 255}}
 
 
 def run_ours(job: dict[str, Any]) -> dict[str, Any]:
@@ -97,8 +108,43 @@ def run_peer(job: dict[str, Any]) -> dict[str, Any]:
             "best_epoch": r["best_epoch"], "params": r["params"], "rows_per_s": r["rows_per_s"]}
 
 
+def run_gbdt(job: dict[str, Any]) -> dict[str, Any]:
+    """Gradient-boosted trees on the config's raw columns (labels and the census instance weight left out), scored on
+    the validation half; the test frame is dropped unread."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import roc_auc_score
+    from threadpoolctl import threadpool_limits
+
+    from model.data import derive_label, load_frames
+    from mtrank.config import load_config
+
+    cfg = load_config(EXAMPLES / "base.yaml")
+    train_df, val_df, _ = load_frames(cfg)
+    labels = {t.label.column for t in cfg.tasks} | {"instance_weight"}
+    x, xv = train_df.drop(columns=[c for c in train_df if c in labels]), val_df.drop(columns=[c for c in val_df if c in labels])
+    for c in list(x.columns):
+        num = pd.to_numeric(x[c], errors="coerce")
+        if num.notna().all():
+            x[c], xv[c] = num, pd.to_numeric(xv[c], errors="coerce")
+        else:
+            x[c] = x[c].astype("category")
+            xv[c] = pd.Categorical(xv[c], categories=x[c].cat.categories)
+    t0, val_auc = time.perf_counter(), {}
+    for task in cfg.tasks:
+        y, _ = derive_label(task, train_df[task.label.column])
+        yv, _ = derive_label(task, val_df[task.label.column])
+        m = HistGradientBoostingClassifier(categorical_features="from_dtype", early_stopping=False,
+                                           random_state=job["seed"], **GBDT[job["gbdt"]])
+        with threadpool_limits(1):  # one core per job, like the torch jobs
+            m.fit(x, np.asarray(y))
+        val_auc[task.name] = float(roc_auc_score(np.asarray(yv), m.predict_proba(xv)[:, 1]))
+    return {**job, "val_auc": val_auc, "wall_seconds": time.perf_counter() - t0}
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    return run_peer(job) if job["impl"] == "rechub" else run_ours(job)
+    return {"rechub": run_peer, "gbdt": run_gbdt}.get(job["impl"], run_ours)(job)
 
 
 def _cell(rs: list[dict[str, Any]], task: str) -> str:
@@ -172,9 +218,31 @@ def render_balancers(results: list[dict[str, Any]], header: list[str]) -> list[s
     return lines
 
 
+def render_ceiling(results: list[dict[str, Any]], header: list[str]) -> list[str]:
+    lines = [*header, "| model | income | marital | wall s (median) |", "|---|---|---|---|"]
+
+    def row(name: str, rs: list[dict[str, Any]]) -> str:
+        cells = [f"{m:.4f} ± {s:.4f}" for m, s in (mean_std([r["val_auc"][t] for r in rs]) for t in TASKS)]
+        return f"| {name} | {' | '.join(cells)} | {sorted(r['wall_seconds'] for r in rs)[len(rs) // 2]:.0f} |"
+
+    ours = [r for r in results if r["impl"] == "ours"]
+    if ours:
+        lines.append(row("mtrank MMoE, shipped recipe (`examples/census-income/mmoe.yaml`)", ours))
+    for name in GBDT:
+        rs = [r for r in results if r["impl"] == "gbdt" and r["gbdt"] == name]
+        if rs:
+            lines.append(row(f"gradient-boosted trees, {name}", rs))
+    best = {t: max(mean_std([r["val_auc"][t] for r in results if r["impl"] == "gbdt" and r["gbdt"] == n])[0]
+                   for n in GBDT if any(r.get("gbdt") == n for r in results)) for t in TASKS}
+    lines += ["", f"Best validation AUC of the trees: income {best['income']:.4f}, marital {best['marital']:.4f} "
+              f"(issue 8's targets, on the test half: income ≥ {TARGETS['income']}, marital ≥ {TARGETS['marital']:.4f}). "
+              "The trees sample nothing, so every seed gives the same trees."]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    ap.add_argument("part", choices=["recipe", "balancers"])
+    ap.add_argument("part", choices=list(MARKERS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--archs", default=",".join(ARCHS), help="recipe: our archs")
     ap.add_argument("--peer-archs", default=",".join(ARCHS), help="recipe: archs the peer's recipe runs for ('' = none)")
@@ -199,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                 jobs.append({"impl": "ours", "arch": arch, "seed": seed, "overrides": quick})
             for arch in filter(None, args.peer_archs.split(",")):
                 jobs.append({"impl": "rechub", "arch": arch, "seed": seed, "max_epochs": args.peer_max_epochs})
+        elif args.part == "ceiling":
+            jobs.append({"impl": "ours", "arch": "mmoe", "seed": seed, "overrides": quick})
+            jobs += [{"impl": "gbdt", "gbdt": name, "seed": seed} for name in GBDT]
         else:
             for arch in ("mmoe", "ple"):
                 for name in args.balancers.split(","):
@@ -216,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
             for r in pool.map(run_job, jobs):
-                log(f"{r['impl']:<6} {r['arch']:<13} {r.get('balancer', ''):<11} seed {r['seed']}: test "
-                    + " ".join(f"{t}={v:.4f}" for t, v in r["test_auc"].items())
-                    + f" | {r['epochs_run']} epochs (best {r['best_epoch']}) in {r['wall_seconds']:.0f}s")
+                split = "test" if args.part != "ceiling" else "val"
+                log(f"{r['impl']:<6} {r.get('arch', r.get('gbdt')):<13} {r.get('balancer', ''):<11} seed {r['seed']}: "
+                    f"{split} " + " ".join(f"{t}={v:.4f}" for t, v in r[f"{split}_auc"].items())
+                    + f" | {r['wall_seconds']:.0f}s")
                 results.append(r)
         minutes = (time.perf_counter() - t0) / 60
         finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -227,16 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         Path(out_json).write_text(json.dumps({"results": results, "minutes": minutes, "load": load0,
                                               "command": command, "finished": finished}, indent=1))
     start, end = MARKERS[args.part]
-    title = ("## Census-Income: shipped recipes vs torch-rechub's own recipe" if args.part == "recipe"
-             else "## Census-Income: loss balancers on MMoE and PLE")
-    header = [start, title, "",
+    header = [start, TITLES[args.part], "",
               f"Generated {finished} in {minutes:.1f} min (load average "
               f"{load0[0]:.1f} at start), {args.jobs} jobs at a time, one torch thread each:", "",
               "```bash", command, "```", "",
-              f"Test AUC mean ± std over seeds {', '.join(map(str, seeds))}; train on `census-income.data`, "
+              f"{'Validation' if args.part == 'ceiling' else 'Test'} AUC mean ± std over seeds "
+              f"{', '.join(map(str, seeds))}; train on `census-income.data`, "
               "`census-income.test` split 1:1 (seed 2022) into validation and test. Raw results: "
               f"`{out_json}` (not committed).", ""]
-    body = render_recipe(results, args, header) if args.part == "recipe" else render_balancers(results, header)
+    body = {"recipe": lambda: render_recipe(results, args, header), "balancers": lambda: render_balancers(results, header),
+            "ceiling": lambda: render_ceiling(results, header)}[args.part]()
     section = "\n".join([*body, "", end])
     print(section)
     if not args.quick:
