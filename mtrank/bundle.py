@@ -115,8 +115,9 @@ class GateInfo(_M):
 
 
 class Calibration(_M):
-    """Piecewise-linear map raw -> calibrated score, applied with ``np.interp``."""
+    """Piecewise-linear map raw -> calibrated score, applied with ``np.interp``. Frozen: the knots are read once."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
     method: Literal["identity", "isotonic", "platt"]
     x: list[float]
     y: list[float]
@@ -125,10 +126,15 @@ class Calibration(_M):
     logloss_before: float | None = None
     logloss_after: float | None = None
 
+    @cached_property
+    def _xy(self) -> tuple[np.ndarray, np.ndarray]:
+        """The knots as float64 arrays, converted once (``np.interp`` on the lists converts them per call)."""
+        return np.asarray(self.x, dtype=np.float64), np.asarray(self.y, dtype=np.float64)
+
     def apply(self, p: np.ndarray) -> np.ndarray:
         if self.method == "identity":
             return p
-        return np.interp(p, self.x, self.y).astype(p.dtype, copy=False)
+        return np.interp(p, *self._xy).astype(p.dtype, copy=False)
 
 
 class Histogram(_M):

@@ -435,6 +435,9 @@ class FeatureEncoder:
         self.schema = schema
         self._vocab = {f.name: vocab_index(f) for f in schema.features if f.encoding == "vocab"}
         self._hashed = {group: self._hashed_plan(group) for group in SIDES}
+        # per group: id features, id slots, numeric features, dense columns (the schema is frozen: computed once)
+        self._layout = {group: (schema.id_features(group), schema.n_slots(group), schema.dense_features(group),
+                                schema.n_dense(group)) for group in SIDES}
 
     def _hashed_plan(self, group: Group) -> tuple[list[FittedFeature], list[int], np.ndarray, np.ndarray]:
         """The group's hashed categorical features, their id slots, buckets uint64 [F, 1] and row offsets int64 [F, 1]."""
@@ -453,9 +456,9 @@ class FeatureEncoder:
         Returns ``{"<group>_ids": int64 [n, S], "<group>_dense": float32 [n, D]}`` (empty parts omitted).
         """
         out: dict[str, np.ndarray] = {}
-        id_feats = self.schema.id_features(group)
+        id_feats, n_slots, dense_feats, n_dense = self._layout[group]
         if id_feats:
-            ids = np.empty((n, self.schema.n_slots(group)), dtype=np.int64)
+            ids = np.empty((n, n_slots), dtype=np.int64)
             hashed, slots, buckets, offsets = self._hashed[group]
             if hashed:  # all hashed columns at once (see hash_columns)
                 h, missing = hash_columns([_column(columns, f.name, n) for f in hashed], n)  # [F, n]
@@ -470,9 +473,8 @@ class FeatureEncoder:
                     ids[:, col : col + f.max_len] = encode_multi(f, _column(columns, f.name, n))
                 col += f.n_slots
             out[f"{group}_ids"] = ids
-        dense_feats = self.schema.dense_features(group)
         if dense_feats:
-            dense = np.empty((n, self.schema.n_dense(group)), dtype=np.float32)
+            dense = np.empty((n, n_dense), dtype=np.float32)
             col = 0
             for f in dense_feats:
                 vals = columns.get(f.name)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -113,8 +114,16 @@ def _fast(doc: dict[str, Any]) -> RankBody | None:
     names: set[str] = set().union(*feats)
     if names and max(map(len, names)) > MAX_NAME:
         return None
-    columns = _checked_columns({name: [f.get(name) for f in feats] for name in names}, len(ids))
+    columns = _checked_columns(_transpose(feats, names), len(ids))
     return None if columns is None else RankBody(options, ids, feats, columns)
+
+
+def _transpose(feats: list[dict[str, Any]], names: set[str]) -> dict[str, list[Any]]:
+    """Per-candidate feature objects -> name -> [n] values (None where a candidate does not send the name)."""
+    if len(names) > 1 and min(map(len, feats)) == len(names):  # every candidate sends every name (the usual body):
+        order = tuple(names)  # one C-level itemgetter per candidate instead of a lookup per value
+        return dict(zip(order, map(list, zip(*map(itemgetter(*order), feats)))))
+    return {name: [f.get(name) for f in feats] for name in names}
 
 
 def _fast_columns(options: RankOptions, cands: dict[str, Any]) -> RankBody | None:

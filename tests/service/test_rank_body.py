@@ -78,6 +78,20 @@ def test_valid_bodies_take_the_fast_path_with_the_same_request() -> None:
     assert parse_rank(lowest, JSON).columns is None
 
 
+
+def test_columns_when_every_candidate_sends_every_name_and_when_not() -> None:
+    """The transposition for bodies where every candidate sends every name (in any key order) and for bodies where
+    each sends as many names but not the same ones: both give the per-candidate values by name."""
+    rng = random.Random(1)
+    names = [f"f{k}" for k in range(5)]
+    full = [{"item_id": f"i{j}", "features": {k: rng.choice([rng.randrange(99), rng.random(), "s", None, [1, "t"]])
+                                              for k in rng.sample(names, len(names))}} for j in range(40)]
+    shifted = [{"item_id": f"i{j}", "features": {names[(j + k) % 5]: j * k for k in range(3)}} for j in range(40)]
+    one = [{"item_id": f"i{j}", "features": {"x": j}} for j in range(5)]
+    for cands in (full, shifted, one):
+        assert _same(_body(cands))[0] == "ok"
+        assert set(parse_rank(_body(cands), JSON).columns or ()) == set().union(*(c["features"] for c in cands))
+
 BAD_CANDIDATES = {
     "not a list": {"item_id": "a"},
     "not an object": ["a"],
