@@ -40,8 +40,9 @@ server, closed-loop load over loopback at ``--concurrency`` connections, for ``-
    per request spent outside the model = 1 - the model's quiet ``session.run`` seconds (step 3: one thread, so its
    wall time is its CPU time) / the server's CPU seconds per request (/proc). Under load the inference stage's wall
    time also holds waits for the GIL and the cores, so it cannot stand for the model's CPU.
-7. ``--half-load``: after the rounds, mtrank fp32 at 500 candidates under open-loop load (``_openloop``: arrivals
-   at half the closed-loop req/s of step 5, Poisson and then evenly spaced, each request on an idle keep-alive
+7. ``--half-load``: after the rounds, mtrank fp32 (1 worker, with its default threads and with one intra-op thread,
+   in turn) at 500 candidates under open-loop load (``_openloop``: arrivals at half the closed-loop req/s of the
+   first in step 5, Poisson and then evenly spaced, each request on an idle keep-alive
    connection or a new one, latency from the scheduled arrival; warm-up, then 2 x ``--duration`` each): p50, p99
    and whether p99 <= 2 x p50, beside what an ideal queue gives under Poisson arrivals (``ideal_tail``).
 
@@ -108,6 +109,7 @@ MAX_IDLE_S = 2.0  # the open-loop client's limit on reusing an idle keep-alive c
 STAGE_RE = re.compile(r'^mtrank_rank_stage_seconds_(sum|count)\{stage="([^"]+)"\} (\S+)$', re.M)
 ONE_THREAD = {"MTRANK_ONNX__INTRA_OP_THREADS": "1"}
 ACCOUNTED = "fp32-1t"  # the server whose CPU per request is split into model and the rest (one intra-op thread)
+HALF_LOAD = ("fp32", ACCOUNTED)  # the servers run at half load: 1 worker with its default threads, and with one
 
 
 # --------------------------------------------------------------------------------- model and data
@@ -422,7 +424,7 @@ def run_http(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         half = None
         if args.half_load:
             try:
-                half = half_load(servers["fp32"], summary[str(TARGET_N)]["fp32"]["rps"], paths, args)
+                half = half_load({k: servers[k] for k in HALF_LOAD}, summary[str(TARGET_N)]["fp32"]["rps"], paths, args)
             except subprocess.CalledProcessError as err:  # keep the closed-loop results
                 log(f"half load failed: {err}")
                 half = {"error": f"the open-loop client exited with {err.returncode}"}
@@ -465,24 +467,29 @@ def ideal_tail(servers: int, load: float = 0.5, n: int = 200_000) -> float:
     return quantile(resp, 0.99) / quantile(resp, 0.5)
 
 
-def half_load(server: Server, saturation_rps: float, paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
-    """Open-loop runs at half the closed-loop saturation: Poisson arrivals (bursts queue), then evenly spaced ones
-    (what is left is the service's own variation: GC, the GIL, thread hand-offs)."""
+def half_load(servers: dict[str, Server], saturation_rps: float, paths: Paths, args: argparse.Namespace
+              ) -> dict[str, Any]:
+    """Open-loop runs at half the closed-loop saturation of mtrank fp32 (1 worker), the same arrivals for each of
+    ``servers`` in turn: Poisson arrivals (bursts queue), then evenly spaced ones (what is left is the service's own
+    variation: GC, the GIL, thread hand-offs)."""
     rate = saturation_rps / 2
     out: dict[str, Any] = {"rate": rate, "saturation_rps": saturation_rps}
     for arrivals in ARRIVALS:
-        path = paths.work / f"serve_peers-openloop-{arrivals}.json"
-        log(f"half load: open loop, {arrivals} arrivals at {rate:.1f} req/s (closed-loop saturation "
-            f"{saturation_rps:.1f} req/s), n={TARGET_N}")
-        subprocess.run([sys.executable, __file__, "_openloop", "--port", str(server.port), "--bodies",
-                        str(paths.bodies(TARGET_N)), "--rate", str(rate), "--arrivals", arrivals, "--warmup",
-                        str(args.warmup), "--duration", str(2 * args.duration), "--out", str(path)], check=True, cwd=ROOT)
-        res = json.loads(path.read_text())
-        lat = res.pop("latencies")
-        res.update(p50=quantile(lat, 0.5), p90=quantile(lat, 0.9), p99=quantile(lat, 0.99), max=max(lat, default=float("nan")))
-        log(f"half load, {arrivals}: {res['requests']} requests, p50 {ms(res['p50'])} ms, p99 {ms(res['p99'])} ms, "
-            f"p99 / p50 {res['p99'] / res['p50']:.2f}, errors {res['errors']}")
-        out[arrivals] = res
+        for key, server in servers.items():
+            path = paths.work / f"serve_peers-openloop-{arrivals}-{key}.json"
+            log(f"half load: {key}, open loop, {arrivals} arrivals at {rate:.1f} req/s (closed-loop saturation "
+                f"{saturation_rps:.1f} req/s), n={TARGET_N}")
+            subprocess.run([sys.executable, __file__, "_openloop", "--port", str(server.port), "--bodies",
+                            str(paths.bodies(TARGET_N)), "--rate", str(rate), "--arrivals", arrivals, "--warmup",
+                            str(args.warmup), "--duration", str(2 * args.duration), "--out", str(path)],
+                           check=True, cwd=ROOT)
+            res = json.loads(path.read_text())
+            lat = res.pop("latencies")
+            res.update(p50=quantile(lat, 0.5), p90=quantile(lat, 0.9), p99=quantile(lat, 0.99),
+                       max=max(lat, default=float("nan")))
+            log(f"half load, {key}, {arrivals}: {res['requests']} requests, p50 {ms(res['p50'])} ms, p99 "
+                f"{ms(res['p99'])} ms, p99 / p50 {res['p99'] / res['p50']:.2f}, errors {res['errors']}")
+            out.setdefault(key, {})[arrivals] = res
     return out
 
 
@@ -656,18 +663,21 @@ def render(meta: dict[str, Any], facts: dict[str, Any], http: dict[str, Any] | N
     if half is not None and "error" in half:
         lines += ["", f"Half load: not measured ({half['error']})."]
     elif half is not None:
-        lines += ["", f"Half load (mtrank fp32, 1 worker, {TARGET_N} candidates, open loop at {half['rate']:.1f} req/s = "
+        labels = http["servers"]
+        lines += ["", f"Half load (mtrank fp32, 1 worker, with its default threads and with one intra-op thread, "
+                  f"{TARGET_N} candidates, open loop at {half['rate']:.1f} req/s = "
                   f"half the closed-loop {half['saturation_rps']:.1f} req/s; latency from each request's scheduled "
                   "arrival; a keep-alive connection idle for 2 s is not reused). Poisson arrivals come in bursts that "
                   "queue: an ideal queue with a constant service time has p99 / p50 = "
                   f"{ideal_tail(1):.1f} with one server and {ideal_tail(2):.1f} with two at half load under them "
                   "(simulated), so the target cannot hold for them; evenly spaced arrivals leave the service's own "
                   "variation (GC, the GIL, thread hand-offs):", "",
-                  "| arrivals | requests | p50 ms | p90 ms | p99 ms | max ms | p99 / p50 | target p99 <= 2 x p50 | errors | "
-                  "connections opened | resent |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
-        for arrivals in ARRIVALS:
-            h = half[arrivals]
-            lines.append(f"| {arrivals} | {h['requests']} | {ms(h['p50'])} | {ms(h['p90'])} | {ms(h['p99'])} | "
+                  "| server | arrivals | requests | p50 ms | p90 ms | p99 ms | max ms | p99 / p50 | target p99 <= 2 x p50 | "
+                  "errors | connections opened | resent |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+        for key, arrivals in ((k, a) for a in ARRIVALS for k in HALF_LOAD if k in half):
+            h = half[key][arrivals]
+            lines.append(f"| {labels[key]['label']} | {arrivals} | {h['requests']} | {ms(h['p50'])} | {ms(h['p90'])} | "
+                         f"{ms(h['p99'])} | "
                          f"{ms(h['max'])} | {h['p99'] / h['p50']:.2f} | {'met' if h['p99'] <= 2 * h['p50'] else 'missed'}"
                          f" | {h['errors']} | {h['connections']} | {h['resent']} |")
     lines += ["", "Targets (issue 9):", "", *(f"* {v}" for v in verdicts(summ)), "",
