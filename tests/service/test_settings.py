@@ -73,3 +73,20 @@ def test_bad_env_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MTRANK_ONNX__INTRA_OP_THREADS", "many")
     with pytest.raises(ConfigError, match=r"onnx.intra_op_threads: an integer >= 0 or auto, got 'many'"):
         load_settings()
+
+
+
+@pytest.mark.parametrize(("env", "workers", "intra"), [
+    ({}, 8, 1),  # workers auto = cores, one intra-op thread each
+    ({"MTRANK_WORKERS": "1"}, 1, 8),
+    ({"MTRANK_WORKERS": "3"}, 3, 2),  # 8 // 3
+    ({"MTRANK_WORKERS": "16"}, 16, 1),  # more workers than cores: still one thread
+    ({"MTRANK_WORKERS": "1", "MTRANK_ONNX__INTRA_OP_THREADS": "6"}, 1, 6),  # a count is kept as given
+])
+def test_auto_threads_share_the_cores_among_the_workers(
+        env: dict[str, str], workers: int, intra: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.settings.available_cores", lambda: 8)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s = load_settings()
+    assert (s.workers, s.onnx.intra_op_threads) == (workers, intra)
