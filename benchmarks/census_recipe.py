@@ -1,7 +1,9 @@
-"""Census-Income: the shipped recipes against torch-rechub's own recipe, and every loss balancer on MMoE and PLE.
+"""Census-Income: the shipped recipes against torch-rechub's own recipe, every loss balancer on MMoE and PLE, and
+how far the features go.
 
-Two parts, each a table in ``docs/benchmarks.md``; every number is a test AUC read once per final configuration
-(the configs were chosen on the validation half only):
+Three parts, each a table in ``docs/benchmarks.md``. In ``recipe`` and ``balancers`` every number is a test AUC read
+once per final configuration (the configs were chosen on the validation half only); ``ceiling`` reads the
+validation half alone:
 
 * ``recipe``     ``examples/census-income/{shared_bottom,mmoe,cgc,ple}.yaml`` exactly as shipped (only the seed and
                  one thread set), against torch-rechub 0.9.0 trained with the settings of its own
