@@ -43,13 +43,23 @@ import json
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from serve_bench import ROOT, SEED, Server, ServerConfig, ensure_bundle, log, machine_note, request_bodies, write_docs
+from serve_bench import (
+    ROOT,
+    SEED,
+    Server,
+    ServerConfig,
+    ensure_bundle,
+    log,
+    machine_note,
+    request_bodies,
+    working_dir,
+    write_docs,
+)
 
 START, END = "<!-- calibration-refresh:start -->", "<!-- calibration-refresh:end -->"
 SECTION_TITLE = "## Calibration refresh: ECE before and after `mtrank calibrate` (no retraining)"
@@ -255,9 +265,7 @@ def main(argv: list[str]) -> int:
                             "command": "env -u OPENBLAS_CORETYPE python benchmarks/calibration_refresh.py"
                             + "".join(f" {shlex.quote(a)}" for a in argv),
                             "epochs": args.epochs, "candidates": args.candidates, "out_json": args.out_json}
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="calibration-refresh-")
-    workdir = Path(args.workdir or tmp.name).resolve()  # type: ignore[union-attr]
-    try:
+    with working_dir(args.workdir, "calibration-refresh-") as workdir:
         original, meta["build_s"] = ensure_bundle(workdir / "model", args.epochs)
         data = workdir / "model" / "synthetic.parquet"
         from mtrank.bundle import read_manifest
@@ -312,9 +320,6 @@ def main(argv: list[str]) -> int:
         if not args.no_docs and (not args.quick or args.write_docs):
             write_docs(Path(args.docs), section, START, END)
             log(f"updated {args.docs}")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     return 0
 
 

@@ -1,11 +1,15 @@
-"""What every benchmark script shares: progress lines, the docs section writer, mean and sample std."""
+"""What every benchmark script shares: progress lines, the working directory, the docs section writer, mean and
+sample std."""
 
 from __future__ import annotations
 
 import os
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 DOC_TITLE = "# Benchmarks"
@@ -13,6 +17,19 @@ DOC_TITLE = "# Benchmarks"
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def working_dir(path: str | None, prefix: str) -> Iterator[Path]:
+    """A benchmark's working directory, absolute: ``path`` (``--workdir``: created if missing, kept, so a later run
+    reuses what it holds), else a temporary directory removed on exit."""
+    if path:
+        work = Path(path).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp).resolve()
 
 
 def write_docs(path: Path, section: str, start: str, end: str) -> None:

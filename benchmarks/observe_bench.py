@@ -85,6 +85,7 @@ from serve_bench import (
     run_http_config,
     service_gc,
     summarise_http,
+    working_dir,
 )
 
 START, END = "<!-- observe-bench:start -->", "<!-- observe-bench:end -->"
@@ -640,9 +641,7 @@ def main(argv: list[str]) -> int:
     t_start = time.perf_counter()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     machine = machine_note()
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="observe-bench-")
-    workdir = Path(args.workdir or tmp.name).resolve()  # type: ignore[union-attr]
-    try:
+    with working_dir(args.workdir, "observe-bench-") as workdir:
         with ThreadPoolExecutor(len(ARCHS)) as pool:  # two 1-thread trainings, one per core
             built = dict(zip(ARCHS, pool.map(lambda a: ensure_bundle(workdir / a, args.epochs, ARCHS[a]), ARCHS)))
         bundles = {a: d for a, (d, _) in built.items()}
@@ -679,9 +678,6 @@ def main(argv: list[str]) -> int:
             http = run_http(bundles["mmoe"].parent, bodies[HEADLINE], args, workdir)
         meta["runtime_s"] = time.perf_counter() - t_start
         publish(args, render(meta, inproc, http), {"meta": meta, "inprocess": inproc, "http": http}, START, END)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     return 0
 
 

@@ -56,7 +56,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -70,7 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import log, write_docs  # noqa: E402
+from benchmarks.common import log, working_dir, write_docs  # noqa: E402
 
 START, END = "<!-- serve-bench:start -->", "<!-- serve-bench:end -->"
 SECTION_TITLE = "## Serving: in-process scoring and /rank throughput"
@@ -851,9 +850,7 @@ def main(argv: list[str]) -> int:
     t_start = time.perf_counter()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     machine = machine_note()
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="serve-bench-")
-    workdir = Path(args.workdir or tmp.name).resolve()  # type: ignore[union-attr]
-    try:
+    with working_dir(args.workdir, "serve-bench-") as workdir:
         bundle_dir, build_s = ensure_bundle(workdir, args.epochs)
         data = workdir / "synthetic.parquet"
         if not data.exists():
@@ -888,9 +885,6 @@ def main(argv: list[str]) -> int:
             http = run_http(bundle_dir.parent, bodies[HTTP_CANDIDATES], args, workdir)
         meta["runtime_s"] = time.perf_counter() - t_start
         publish(args, render(meta, inproc, http), {"meta": meta, "inprocess": inproc, "http": http})
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     return 0
 
 

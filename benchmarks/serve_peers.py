@@ -83,7 +83,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import serve_bench  # noqa: E402
-from benchmarks.common import log  # noqa: E402
+from benchmarks.common import log, working_dir  # noqa: E402
 from benchmarks.serve_bench import (  # noqa: E402
     Server,
     ServerConfig,
@@ -723,10 +723,7 @@ def main(argv: list[str]) -> int:
     t_start = time.perf_counter()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     machine = machine_note()
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="serve-peers-")
-    work = Path(args.workdir or tmp.name).resolve()  # type: ignore[union-attr]
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with working_dir(args.workdir, "serve-peers-") as work:
         paths = Paths.of(work, args.arch)
         build_s = ensure_model(paths, args.arch, args.epochs)
         schema = FittedSchema.from_dict(json.loads((paths.run / "schema.json").read_text()))
@@ -749,9 +746,6 @@ def main(argv: list[str]) -> int:
                 "rounds": args.rounds, "out_json": args.out_json,
                 "versions": {p: metadata.version(p) for p in ("torch", "torch-rechub", "fastapi", "pydantic", "uvicorn")}}
         publish(args, render(meta, facts, http), {"meta": meta, "facts": facts, "http": http}, START, END)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     return 0
 
 
