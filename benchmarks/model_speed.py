@@ -34,7 +34,6 @@ import shlex
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import log, write_docs  # noqa: E402
+from benchmarks.common import log, working_dir, write_docs  # noqa: E402
 from benchmarks.production_model import ARCH_CONFIGS, write  # noqa: E402
 from model.layers import SplitInput  # noqa: E402
 from model.nets import MultiTaskRanker  # noqa: E402
@@ -252,64 +251,61 @@ def main(argv: list[str] | None = None) -> int:
     from mtrank.onnx_load import cpu_session
 
     t_start = time.perf_counter()
-    tmp = tempfile.TemporaryDirectory(prefix="model-speed-")
-    work = Path(args.workdir) if args.workdir else Path(tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / f"production_{args.rows}.parquet"
-    if not data.exists():
-        write(data, args.rows, seed=0)
-    models = {a: prepare(a, data, work, args) for a in args.archs}
-    in_dim = next(iter(models.values()))["in_dim"]
+    with working_dir(args.workdir, "model-speed-") as work:
+        data = work / f"production_{args.rows}.parquet"
+        if not data.exists():
+            write(data, args.rows, seed=0)
+        models = {a: prepare(a, data, work, args) for a in args.archs}
+        in_dim = next(iter(models.values()))["in_dim"]
 
-    # the machine's fp32 GEMM rate for the experts' first-layer shape, measured first
-    gemm = {b: cpu_session(gemm_graph(b, in_dim, GEMM_N, work / f"gemm_{b}.onnx")) for b in args.candidates}
-    xs = {b: np.random.default_rng(b).standard_normal((b, in_dim)).astype(np.float32) for b in args.candidates}
-    g_times = round_robin({b: (gemm[b], {"X": xs[b]}) for b in args.candidates}, args.runs, args.warmup)
-    res: dict[str, Any] = {"gemm": {}, "models": {}, "machine": machine(), "in_dim": in_dim,
-                           "request_dim": next(iter(models.values()))["request_dim"]}
-    for b in args.candidates:
-        med = statistics.median(g_times[b])
-        res["gemm"][str(b)] = {"median_ms": med * 1e3, "gflops": 2 * b * in_dim * GEMM_N / med / 1e9}
-        log(f"GEMM [{b}, {in_dim}] x [{in_dim}, {GEMM_N}]: {med * 1e3:.3f} ms, {res['gemm'][str(b)]['gflops']:.1f} GFLOP/s")
+        # the machine's fp32 GEMM rate for the experts' first-layer shape, measured first
+        gemm = {b: cpu_session(gemm_graph(b, in_dim, GEMM_N, work / f"gemm_{b}.onnx")) for b in args.candidates}
+        xs = {b: np.random.default_rng(b).standard_normal((b, in_dim)).astype(np.float32) for b in args.candidates}
+        g_times = round_robin({b: (gemm[b], {"X": xs[b]}) for b in args.candidates}, args.runs, args.warmup)
+        res: dict[str, Any] = {"gemm": {}, "models": {}, "machine": machine(), "in_dim": in_dim,
+                               "request_dim": next(iter(models.values()))["request_dim"]}
+        for b in args.candidates:
+            med = statistics.median(g_times[b])
+            res["gemm"][str(b)] = {"median_ms": med * 1e3, "gflops": 2 * b * in_dim * GEMM_N / med / 1e9}
+            log(f"GEMM [{b}, {in_dim}] x [{in_dim}, {GEMM_N}]: {med * 1e3:.3f} ms, {res['gemm'][str(b)]['gflops']:.1f} GFLOP/s")
 
-    jobs, macs = {}, {}
-    for arch, m in models.items():
-        sessions = {fd: cpu_session(p, intra_threads=1) for fd, p in m["paths"].items()}
-        feeds = {b: feed(m["val"], b) for b in args.candidates}
-        names = [o.name for o in sessions["split", "fp32"].get_outputs()]
-        outs = [dict(zip(names, sessions[f, "fp32"].run(names, feeds[max(args.candidates)]))) for f in FORMS]
-        m["split_vs_concat_max_abs_diff"] = max(float(np.max(np.abs(outs[0][k] - outs[1][k]))) for k in outs[0])
-        for (form, dtype), sess in sessions.items():
-            for b in args.candidates:
-                jobs[arch, form, dtype, b] = (sess, feeds[b])
-                macs[arch, form, dtype, b] = profiled_macs(m["paths"][form, dtype], feeds[b], work)
-    res["load_before"] = os.getloadavg()[0]
-    log(f"timing {len(jobs)} cells x {args.runs} runs round-robin (load {res['load_before']:.2f})")
-    times = round_robin(jobs, args.runs, args.warmup)
-    res["load_after"] = os.getloadavg()[0]
-    for arch, m in models.items():
-        cells = {}
-        for (a, form, dtype, b), ts in times.items():
-            if a != arch:
-                continue
-            med = statistics.median(ts)
-            gflops = 2 * macs[a, form, dtype, b] / med / 1e9
-            cells[f"{form}/{dtype}/{b}"] = {
-                "median_ms": med * 1e3, "p90_ms": float(np.quantile(ts, 0.9)) * 1e3, "cand_per_s": b / med,
-                "mmac": macs[a, form, dtype, b] / 1e6, "gflops": gflops, "gemm_frac": gflops / res["gemm"][str(b)]["gflops"]}
-            log(f"{arch} {form:6} {dtype} B={b:5}: {med * 1e3:7.3f} ms, {gflops:5.1f} GFLOP/s")
-        res["models"][arch] = {k: v for k, v in m.items() if k not in ("paths", "val")} | {"cells": cells}
-    res["generated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    res["minutes"] = (time.perf_counter() - t_start) / 60
-    Path(args.out_json).write_text(json.dumps(res, indent=1))
-    command = "env -u OPENBLAS_CORETYPE python benchmarks/model_speed.py" + (
-        " " + shlex.join(argv) if argv else (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""))
-    section = render(res, args, command)
-    print(section)
-    if not args.quick:
-        write_docs(Path(args.docs), section, START, END)
-        log(f"updated {args.docs}")
-    tmp.cleanup()
+        jobs, macs = {}, {}
+        for arch, m in models.items():
+            sessions = {fd: cpu_session(p, intra_threads=1) for fd, p in m["paths"].items()}
+            feeds = {b: feed(m["val"], b) for b in args.candidates}
+            names = [o.name for o in sessions["split", "fp32"].get_outputs()]
+            outs = [dict(zip(names, sessions[f, "fp32"].run(names, feeds[max(args.candidates)]))) for f in FORMS]
+            m["split_vs_concat_max_abs_diff"] = max(float(np.max(np.abs(outs[0][k] - outs[1][k]))) for k in outs[0])
+            for (form, dtype), sess in sessions.items():
+                for b in args.candidates:
+                    jobs[arch, form, dtype, b] = (sess, feeds[b])
+                    macs[arch, form, dtype, b] = profiled_macs(m["paths"][form, dtype], feeds[b], work)
+        res["load_before"] = os.getloadavg()[0]
+        log(f"timing {len(jobs)} cells x {args.runs} runs round-robin (load {res['load_before']:.2f})")
+        times = round_robin(jobs, args.runs, args.warmup)
+        res["load_after"] = os.getloadavg()[0]
+        for arch, m in models.items():
+            cells = {}
+            for (a, form, dtype, b), ts in times.items():
+                if a != arch:
+                    continue
+                med = statistics.median(ts)
+                gflops = 2 * macs[a, form, dtype, b] / med / 1e9
+                cells[f"{form}/{dtype}/{b}"] = {
+                    "median_ms": med * 1e3, "p90_ms": float(np.quantile(ts, 0.9)) * 1e3, "cand_per_s": b / med,
+                    "mmac": macs[a, form, dtype, b] / 1e6, "gflops": gflops, "gemm_frac": gflops / res["gemm"][str(b)]["gflops"]}
+                log(f"{arch} {form:6} {dtype} B={b:5}: {med * 1e3:7.3f} ms, {gflops:5.1f} GFLOP/s")
+            res["models"][arch] = {k: v for k, v in m.items() if k not in ("paths", "val")} | {"cells": cells}
+        res["generated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        res["minutes"] = (time.perf_counter() - t_start) / 60
+        Path(args.out_json).write_text(json.dumps(res, indent=1))
+        command = "env -u OPENBLAS_CORETYPE python benchmarks/model_speed.py" + (
+            " " + shlex.join(argv) if argv else (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""))
+        section = render(res, args, command)
+        print(section)
+        if not args.quick:
+            write_docs(Path(args.docs), section, START, END)
+            log(f"updated {args.docs}")
     return 0
 
 

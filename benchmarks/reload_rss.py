@@ -42,7 +42,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -54,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import log, write_docs  # noqa: E402
+from benchmarks.common import log, working_dir, write_docs  # noqa: E402
 from benchmarks.serve_bench import Server, ServerConfig, machine_note, process_tree  # noqa: E402
 
 START, END = "<!-- reload-rss:start -->", "<!-- reload-rss:end -->"
@@ -437,28 +436,26 @@ def main(argv: list[str]) -> int:
         print(json.dumps(cold_load(Path(argv[1]))))
         return 0
     args = parse_args(argv)
-    tmp = tempfile.TemporaryDirectory(prefix="reload-rss-")
-    work = Path(args.workdir) if args.workdir else Path(tmp.name)
-    info = ensure_bundles(work, args)
-    bundles = work / "bundles"
-    bundle_bytes = (bundles / VERSIONS[0] / "model.onnx").stat().st_size
-    log(f"{info['embedding_params']:,} embedding parameters; model.onnx {bundle_bytes / MIB:.0f} MiB")
-    bodies = request_bodies(bundles / VERSIONS[0], work / f"production_{info['rows']}.parquet", args.candidates,
-                            BODY_POOL)
-    res: dict[str, Any] = {"build": info, "bundle_bytes": bundle_bytes, "args": vars(args),
-                           "machine": machine()}
-    res["cold"] = cold_loads(bundles / VERSIONS[0], args.cold_loads)
-    res["server"] = run_server(SERVER, bundles, bodies, bundle_bytes, args, work)
-    res["summary"] = summarise(res)
-    res["generated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    Path(args.out_json).write_text(json.dumps(res, indent=1))
-    command = "env -u OPENBLAS_CORETYPE python benchmarks/reload_rss.py" + (" " + shlex.join(argv) if argv else "")
-    section = render(res, command)
-    print(section)
-    if args.write_docs:
-        write_docs(Path(args.docs), section, START, END)
-        log(f"updated {args.docs}")
-    tmp.cleanup()
+    with working_dir(args.workdir, "reload-rss-") as work:
+        info = ensure_bundles(work, args)
+        bundles = work / "bundles"
+        bundle_bytes = (bundles / VERSIONS[0] / "model.onnx").stat().st_size
+        log(f"{info['embedding_params']:,} embedding parameters; model.onnx {bundle_bytes / MIB:.0f} MiB")
+        bodies = request_bodies(bundles / VERSIONS[0], work / f"production_{info['rows']}.parquet", args.candidates,
+                                BODY_POOL)
+        res: dict[str, Any] = {"build": info, "bundle_bytes": bundle_bytes, "args": vars(args),
+                               "machine": machine()}
+        res["cold"] = cold_loads(bundles / VERSIONS[0], args.cold_loads)
+        res["server"] = run_server(SERVER, bundles, bodies, bundle_bytes, args, work)
+        res["summary"] = summarise(res)
+        res["generated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        Path(args.out_json).write_text(json.dumps(res, indent=1))
+        command = "env -u OPENBLAS_CORETYPE python benchmarks/reload_rss.py" + (" " + shlex.join(argv) if argv else "")
+        section = render(res, command)
+        print(section)
+        if args.write_docs:
+            write_docs(Path(args.docs), section, START, END)
+            log(f"updated {args.docs}")
     return 0
 
 
