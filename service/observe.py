@@ -88,7 +88,6 @@ class _Gate:
         self.top1 = [m.gate_top1.labels(*lv, e) for e in g.experts]
         self.candidates = m.gate_candidates.labels(*lv)
         self.entropy = m.gate_entropy.labels(*lv)
-        self.ones_m = np.ones(self.m)
 
     def flush(self, batch: list[dict[str, np.ndarray]]) -> None:
         """Count a batch of requests' outputs of this gate ([n_i, m] each) into the counters."""
@@ -97,8 +96,10 @@ class _Gate:
             return
         w = np.concatenate(parts)  # [N, m] float32
         w64 = w.astype(np.float64)
-        inv = 1.0 / (w64 @ self.ones_m)  # [N]: each row's weights are divided by their sum, so the
-        sums = (inv @ w64).tolist()  # [m]    weights of a gate add up to exactly its candidates
+        # einsum, not ``@``: numpy's BLAS would run these on a thread pool whose threads then spin for a while,
+        # burning the cores the requests need (about 1 ms of CPU per request at 500 candidates, docs/benchmarks.md)
+        inv = 1.0 / np.einsum("nm->n", w64)  # [N]: each row's weights are divided by their sum, so the
+        sums = np.einsum("n,nm->m", inv, w64).tolist()  # [m]    weights of a gate add up to exactly its candidates
         ent = normalised_entropy(w)  # [N] float32
         self.candidates.inc(len(w))
         for j, (s_, c) in enumerate(zip(sums, top1_counts(w).tolist())):
