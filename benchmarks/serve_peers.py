@@ -282,8 +282,9 @@ def inside(http: dict[str, Any], facts: dict[str, Any], sizes: list[int]) -> dic
         stages = http["stages"][str(n)]
         cpu = http["summary"][str(n)][ACCOUNTED]["server_cpu_ms_per_req"] / 1e3
         mine = [x for x in http["runs"] if x["n"] == n and "stages" in x]
-        row: dict[str, Any] = {"stages_s": stages, "server_cpu_s": cpu, "loop_share": sum(
-            x["loop_cpu_s"] for x in mine) / max(sum(x["process_cpu_s"] for x in mine), 1e-9)}
+        total = max(sum(x["process_cpu_s"] for x in mine), 1e-9)
+        row: dict[str, Any] = {"stages_s": stages, "server_cpu_s": cpu, "thread_shares": {
+            role: sum(x["thread_cpu_s"][role] for x in mine) / total for role in THREAD_ROLES}}
         timed = {"load": stages.get("inference", float("nan"))}
         if "macs" in facts:
             timed["quiet"] = facts["inference_quiet_s"][str(n)]
@@ -364,10 +365,33 @@ def stage_totals(port: int) -> dict[str, list[float]]:
     return out
 
 
-def loop_thread_cpu(pid: int) -> float:
-    """CPU seconds of a process's main thread: uvicorn's event loop (HTTP, body parsing, responses) in one worker."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+THREAD_ROLES = ("event loop", "executor", "other")
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds of each thread of one worker, with its role (``service.threads`` names the service's threads for
+    the OS): the **event loop** (the thread whose id is the process id: HTTP, body parsing and validation, response
+    building), the inference **executor** (``mtrank-infer_*``: features, inference, calibration, fusion, prediction
+    log) and every **other** thread (statistics flush, monitor, shadow; libraries' pools: onnxruntime's, numpy's BLAS,
+    uvloop's)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        role = "event loop" if task.name == str(pid) else "executor" if comm.startswith("mtrank-infer") else "other"
+        out[int(task.name)] = (role, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return out
+
+
+def role_cpu(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per role between two ``thread_cpu`` readings (a thread started in between counts from 0)."""
+    out = dict.fromkeys(THREAD_ROLES, 0.0)
+    for tid, (role, secs) in after.items():
+        out[role] += secs - before.get(tid, (role, 0.0))[1]
+    return out
 
 
 def drive(server: Server, n: int, paths: Paths, args: argparse.Namespace, tag: str, columns: bool = False
@@ -383,17 +407,17 @@ def drive(server: Server, n: int, paths: Paths, args: argparse.Namespace, tag: s
 
 
 def measure(v: Variant, server: Server, n: int, r: int, paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
-    """One run; for mtrank fp32 (1 worker) also its stage metrics and event-loop thread CPU over the run."""
+    """One run; for mtrank fp32 (1 worker) also its stage metrics and its CPU by thread role over the run."""
     pid = server.proc.pid
     inside = v.cfg.key == ACCOUNTED
     if inside:
-        stages0, loop0, cpu0 = stage_totals(server.port), loop_thread_cpu(pid), cpu_seconds(pid)
+        stages0, threads0, cpu0 = stage_totals(server.port), thread_cpu(pid), cpu_seconds(pid)
     res = drive(server, n, paths, args, f"{v.cfg.key}-{n}-{r}", v.columns)
     if inside:
         stages = stage_totals(server.port)
         res["stages"] = {st: [s - stages0.get(st, [0, 0])[0], c - stages0.get(st, [0, 0])[1]]
                          for st, (s, c) in stages.items()}
-        res["loop_cpu_s"], res["process_cpu_s"] = loop_thread_cpu(pid) - loop0, cpu_seconds(pid) - cpu0
+        res["thread_cpu_s"], res["process_cpu_s"] = role_cpu(threads0, thread_cpu(pid)), cpu_seconds(pid) - cpu0
     res.update(config=v.cfg.key, n=n, round=r)
     lat = res["latencies"]
     log(f"n={n:5} {v.cfg.key:8} round {r}: {res['requests'] / res['elapsed_s']:7.1f} req/s, p50 {ms(median(lat))} ms, "
@@ -412,7 +436,7 @@ def run_http(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         for v in vs:
             servers[v.cfg.key].wait_ready()
             startup[v.cfg.key] = time.perf_counter() - t0  # all start together: an upper bound
-        for key in ("fp32", "int8", "columns", ACCOUNTED):  # loop_thread_cpu reads the main thread; the targets are per worker
+        for key in ("fp32", "int8", "columns", ACCOUNTED):  # thread_cpu reads one process; the targets are per worker
             if len(process_tree(servers[key].proc.pid)) != 1:
                 raise RuntimeError(f"mtrank {key}, 1 worker: expected one process, got {servers[key].cmd}")
         log(f"{len(vs)} servers ready; {args.rounds} round(s) x {len(args.sizes)} sizes x {len(vs)} servers, "
@@ -644,19 +668,22 @@ def render(meta: dict[str, Any], facts: dict[str, Any], http: dict[str, Any] | N
               "started" + (f" ({ms(facts['inference_quiet_s'][str(sizes[-1])])} ms at {sizes[-1]})" if quiet else "")
               + "; GFLOP/s = 2 x MAC (counted from an ORT profile of the graph) / that time, % of the fp32 GEMM rate "
               f"ORT reached on one thread for {facts.get('gemm_shape', 'a MatMul')} in the same quiet phase; outside "
-              "the model = 1 - the quiet model seconds / server CPU seconds per request; event loop = the main thread's share of the "
-              "server's CPU (HTTP, body parsing and validation, response building; the rest is the executor threads: "
-              "features, inference, calibration, fusion, logs). Under load the stages' wall time also "
+              "the model = 1 - the quiet model seconds / server CPU seconds per request; event loop / executor / other "
+              "threads = the server's CPU split by thread (/proc, the threads named by `service.threads`): the main "
+              "thread (HTTP, body parsing and validation, response building), the `mtrank-infer_*` executor threads "
+              "(features, inference, calibration, fusion, logs) and all others (statistics flush, monitor; onnxruntime's, "
+              "numpy's and uvloop's own threads). Under load the stages' wall time also "
               "holds waits for the GIL and the cores (the event loop, the second executor thread and the load "
               "generator compete), which is why the share outside the model takes the quiet time.", "",
-              "| candidates | " + " | ".join(f"{st} ms" for st in stages) + " | server CPU ms/req | event loop | outside the model"
+              "| candidates | " + " | ".join(f"{st} ms" for st in stages) + " | server CPU ms/req | event loop | executor | other threads | outside the model"
               + (" | MMAC | GFLOP/s | GEMM GFLOP/s | % of GEMM" if quiet else "") + " |",
-              "|---:|" + "---:|" * (len(stages) + (7 if quiet else 3))]
+              "|---:|" + "---:|" * (len(stages) + (9 if quiet else 5))]
     for n in sizes:
         row = ins[str(n)]
         lines.append(f"| {n} | " + " | ".join(f"{row['stages_s'][st] * 1e3:.2f}" if st in row["stages_s"] else ""
                                              for st in stages)
-                     + f" | {row['server_cpu_s'] * 1e3:.2f} | {row['loop_share']:.0%} | {row['outside']:.0%}"
+                     + f" | {row['server_cpu_s'] * 1e3:.2f} | "
+                     + " | ".join(f"{row['thread_shares'][role]:.0%}" for role in THREAD_ROLES) + f" | {row['outside']:.0%}"
                      + (f" | {row['macs'] / 1e6:.1f} | {both(row, 'gflops', '.1f')} | {row['gemm_gflops']:.1f} | "
                         f"{both(row, 'gemm_share', '.0%')}" if quiet else "") + " |")
     half = http["half_load"]

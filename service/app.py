@@ -45,6 +45,7 @@ from service.registry import Registry, ReloadError
 from service.scorer import InputError
 from service.settings import GCSettings, Settings
 from service.shadow import Shadow
+from service.threads import name_native_thread
 
 log = logging.getLogger("mtrank.service")
 
@@ -172,7 +173,8 @@ def create_app(settings: Settings) -> FastAPI:
     registry.listeners += [obs.on_slot, monitor.on_slot]
     services = Services(settings=settings, metrics=metrics, registry=registry, store=store, joins=joins,
                         feedback_log=feedback_log,
-                        executor=ThreadPoolExecutor(settings.onnx.executor_threads, thread_name_prefix="mtrank-infer"),
+                        executor=ThreadPoolExecutor(settings.onnx.executor_threads, thread_name_prefix="mtrank-infer",
+                                                    initializer=name_native_thread),
                         obs=obs, monitor=monitor, shadow=Shadow(settings, metrics, registry))
 
     @asynccontextmanager

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from service.logs import RateLimitedLogger
+from service.threads import NamedThread
 
 log = logging.getLogger("mtrank.service.background")
 _STOP = object()
@@ -26,7 +26,7 @@ class BoundedWorker:
         self.on_drop = on_drop
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
         self._ratelog = RateLimitedLogger(log, 30.0)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = NamedThread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., None], *args: Any) -> bool:

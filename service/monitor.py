@@ -42,6 +42,7 @@ from service.observe import bucket_labels, gate_labels
 from service.registry import PRIMARY
 from service.scorer import Model
 from service.settings import MonitoringSettings
+from service.threads import NamedThread
 
 log = logging.getLogger("mtrank.service.monitor")
 
@@ -113,7 +114,7 @@ class Monitor:
 
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="mtrank-monitor", daemon=True)
+        self._thread = NamedThread(target=self._loop, name="mtrank-monitor", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -40,6 +40,7 @@ from service.metrics import Metrics, observe_many
 from service.registry import PRIMARY, SHADOW
 from service.scorer import Model, Scored
 from service.settings import MonitoringSettings, Settings
+from service.threads import NamedThread
 
 REQUEST_ARM = "<request>"  # arm label of requests that named their fusion (no experiment arm)
 ROUTING_CHECKS = ("divergence", "dead_expert", "collapse", "entropy")
@@ -244,7 +245,7 @@ class Observability:
     def start(self) -> None:
         if self.enabled:
             self._halt.clear()
-            self._thread = Thread(target=self._loop, name="mtrank-observe-flush", daemon=True)
+            self._thread = NamedThread(target=self._loop, name="mtrank-observe", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:

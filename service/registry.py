@@ -54,6 +54,7 @@ from service.logs import RateLimitedLogger
 from service.metrics import Metrics
 from service.scorer import Model
 from service.settings import Settings
+from service.threads import NamedThread
 
 if TYPE_CHECKING:  # mtrank.signing (cryptography) is imported when keys are configured
     from mtrank.signing import Trust
@@ -316,9 +317,9 @@ class Registry:
     def start(self) -> None:
         self._stop.clear()
         if self.settings.reload.poll_interval_ms > 0:
-            self._spawn("mtrank-reload-poll", self._poll_loop)
+            self._spawn("mtrank-reload", self._poll_loop)
         if self.settings.pubsub_url:
-            self._spawn("mtrank-reload-pubsub", self._pubsub_loop)
+            self._spawn("mtrank-pubsub", self._pubsub_loop)
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
@@ -327,7 +328,7 @@ class Registry:
         self._threads.clear()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
+        t = NamedThread(target=target, name=name, daemon=True)
         t.start()
         self._threads.append(t)
 

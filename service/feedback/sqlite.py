@@ -45,6 +45,7 @@ import numpy as np
 from service.feedback import Event, IngestResult, JoinStoreUnavailable, PutResult, count_orphans
 from service.feedback.codec import Prediction, utf8
 from service.logs import RateLimitedLogger
+from service.threads import NamedThread
 
 if TYPE_CHECKING:
     from service.metrics import Metrics
@@ -147,8 +148,8 @@ class SqliteJoinStore:
         if self._checkpointer is None and self.checkpoint_interval_s > 0:
             with self._lock:
                 if self._checkpointer is None and not self._closed:
-                    self._checkpointer = threading.Thread(target=self._checkpoints, name="mtrank-join-checkpoint",
-                                                          daemon=True)
+                    self._checkpointer = NamedThread(target=self._checkpoints, name="mtrank-checkpt",
+                                                 daemon=True)
                     self._checkpointer.start()
 
     def _checkpoints(self) -> None:
