@@ -1,10 +1,11 @@
-"""What every benchmark script shares: progress lines, the working directory, the docs section writer, mean and
-sample std."""
+"""What every benchmark script shares: progress lines, the working directory, another revision's tree, the docs
+section writer, mean and sample std."""
 
 from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DOC_TITLE = "# Benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def log(msg: str) -> None:
@@ -30,6 +32,20 @@ def working_dir(path: str | None, prefix: str) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp).resolve()
+
+
+@contextmanager
+def revision_tree(rev: str | None, path: Path) -> Iterator[Path]:
+    """The code of revision ``rev`` (an A/B's side): this checkout for None, else a detached git worktree of ``rev``
+    at ``path``, removed on exit."""
+    if rev is None:
+        yield ROOT
+        return
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(path), rev], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
 
 
 def write_docs(path: Path, section: str, start: str, end: str) -> None:

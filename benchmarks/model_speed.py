@@ -19,6 +19,11 @@ Usage (from the repository root)::
 
     env -u OPENBLAS_CORETYPE python benchmarks/model_speed.py           # full: 150k rows, 300 runs (~10 min)
     env -u OPENBLAS_CORETYPE python benchmarks/model_speed.py --quick   # smoke: 20k rows, 20 runs; docs untouched
+    env -u OPENBLAS_CORETYPE python benchmarks/model_speed.py --ab REV --archs mmoe --candidates 500 --workdir W
+
+``--ab BASE_REV`` times a change to the exported graph instead: the same trained runs exported fp32 and int8 by
+``BASE_REV``'s code (a git worktree, ``mtrank export`` in a child process) and by this tree's, the four sessions
+round-robin at each size, outputs compared; it prints, the docs are untouched.
 
 Writes raw results to ``--out-json`` and replaces the section between ``<!-- model-speed:start -->`` and
 ``<!-- model-speed:end -->`` in ``docs/benchmarks.md``.
@@ -33,6 +38,7 @@ import platform
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import log, working_dir, write_docs  # noqa: E402
+from benchmarks.common import log, revision_tree, working_dir, write_docs  # noqa: E402
 from benchmarks.production_model import ARCH_CONFIGS, write  # noqa: E402
 from model.layers import SplitInput  # noqa: E402
 from model.nets import MultiTaskRanker  # noqa: E402
@@ -164,6 +170,44 @@ def round_robin(jobs: dict[Any, tuple[Any, dict[str, np.ndarray]]], runs: int, w
     return times
 
 
+def export_with(rev: str, run: Path, out: Path, work: Path, max_auc_drop: float) -> dict[str, Path]:
+    """fp32 and int8 graphs of ``run`` exported by revision ``rev``'s code: dtype -> model.onnx."""
+    shutil.rmtree(out, ignore_errors=True)
+    with revision_tree(rev, work / "tree-ab") as tree:
+        for dtype, extra in (("fp32", []), ("int8", ["--quantize", "int8", "--max-auc-drop", str(max_auc_drop)])):
+            subprocess.run([sys.executable, "-m", "mtrank.cli", "export", str(run), "--out", str(out), "--version", dtype,
+                            "--no-activate", *extra], check=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                           stdout=subprocess.DEVNULL)
+    return {dtype: out / dtype / "model.onnx" for dtype in DTYPES}
+
+
+def ab(models: dict[str, dict[str, Any]], work: Path, args: argparse.Namespace) -> str:
+    """``--ab``: base (``args.ab``'s export) vs new (this tree's) graphs of the same weights, round-robin; a table."""
+    from mtrank.onnx_load import cpu_session
+
+    jobs, diffs = {}, {}
+    for arch, m in models.items():
+        base = export_with(args.ab, work / f"run_{arch}", work / f"ab_{arch}", work, args.max_auc_drop)
+        for dtype in DTYPES:
+            sessions = {"base": cpu_session(base[dtype], intra_threads=1),
+                        "new": cpu_session(m["paths"]["split", dtype], intra_threads=1)}
+            names = [o.name for o in sessions["new"].get_outputs()]
+            for b in args.candidates:
+                inputs = feed(m["val"], b)
+                old, new = (sessions[k].run(names, inputs) for k in ("base", "new"))
+                diffs[arch, dtype, b] = max(float(np.max(np.abs(x - y))) for x, y in zip(old, new))
+                jobs.update({(arch, dtype, b, k): (sessions[k], inputs) for k in sessions})
+    log(f"timing {len(jobs)} sessions x {args.runs} runs round-robin")
+    times = {k: statistics.median(v) * 1e3 for k, v in round_robin(jobs, args.runs, args.warmup).items()}
+    lines = [f"Base: the graphs exported by {args.ab}; new: by this tree; same weights and inputs, one intra-op thread, "
+             f"{args.runs} runs each round-robin, medians. {machine()}.", "",
+             "| model | dtype | candidates | base ms | new ms | new / base | max abs diff |", "|---|---|---:|---:|---:|---:|---:|"]
+    for arch, dtype, b in diffs:
+        t0, t1 = times[arch, dtype, b, "base"], times[arch, dtype, b, "new"]
+        lines.append(f"| {TITLES[arch]} | {dtype} | {b} | {t0:.3f} | {t1:.3f} | {t1 / t0:.3f} | {diffs[arch, dtype, b]:.1e} |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
@@ -245,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrain", action="store_true", help="train even when --workdir holds a finished run")
     ap.add_argument("--out-json", default="/tmp/model_speed.json")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--ab", metavar="BASE_REV", help="A/B of the exported graph against BASE_REV's export of the same "
+                    "runs (prints; docs untouched)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rows, args.runs, args.warmup = 20_000, 20, 3
@@ -256,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         if not data.exists():
             write(data, args.rows, seed=0)
         models = {a: prepare(a, data, work, args) for a in args.archs}
+        if args.ab:
+            print(ab(models, work, args))
+            return 0
         in_dim = next(iter(models.values()))["in_dim"]
 
         # the machine's fp32 GEMM rate for the experts' first-layer shape, measured first

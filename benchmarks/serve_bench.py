@@ -60,7 +60,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import log, working_dir, write_docs  # noqa: E402
+from benchmarks.common import log, revision_tree, working_dir, write_docs  # noqa: E402
 
 START, END = "<!-- serve-bench:start -->", "<!-- serve-bench:end -->"
 SECTION_TITLE = "## Serving: in-process scoring and /rank throughput"
@@ -481,14 +481,6 @@ def summarise_http(runs: list[dict[str, Any]], configs: Sequence[ServerConfig]) 
     return summary
 
 
-def checkout(rev: str | None, path: Path) -> Path:
-    """The tree a server runs from: this checkout (None) or a detached git worktree of ``rev`` at ``path``."""
-    if rev is None:
-        return ROOT
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(path), rev], check=True)
-    return path
-
-
 def run_ab(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workdir: Path,
            expect_items: int = HTTP_CANDIDATES) -> str:
     """``--ab BASE [--ab-new NEW]``: 1 worker, 1 intra-op thread, the two revisions alternating round by
@@ -497,16 +489,11 @@ def run_ab(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workdir
     bodies_path = workdir / "bodies-http.jsonl"
     bodies_path.write_bytes(b"\n".join(bodies) + b"\n")
     env = {"MTRANK_ONNX__INTRA_OP_THREADS": "1"}
-    cfgs: list[ServerConfig] = []
-    try:
-        for key, rev in (("base", args.ab), ("new", args.ab_new)):
-            cfgs.append(ServerConfig(key, rev or "working tree", 1, env, checkout(rev, workdir / f"tree-{key}")))
+    with ExitStack() as trees:
+        cfgs = [ServerConfig(key, rev or "working tree", 1, env, trees.enter_context(revision_tree(rev, workdir / f"tree-{key}")))
+                for key, rev in (("base", args.ab), ("new", args.ab_new))]
         rounds = [[run_http_config(cfg, bundles, bodies_path, args, workdir, r, expect_items) for cfg in cfgs]
                   for r in range(args.rounds)]
-    finally:
-        for cfg in cfgs:
-            if cfg.tree != ROOT:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(cfg.tree)], check=False)
 
     def stats(run: dict[str, Any]) -> tuple[float, float, float, float]:
         if run["errors"] or run["exceptions"]:
