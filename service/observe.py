@@ -97,10 +97,11 @@ class _Gate:
             return
         w = np.concatenate(parts)  # [N, m] float32
         w64 = w.astype(np.float64)
-        # einsum, not ``@``: numpy's BLAS would run these on a thread pool whose threads then spin for a while,
-        # burning the cores the requests need (about 1 ms of CPU per request at 500 candidates, docs/benchmarks.md)
-        inv = 1.0 / np.einsum("nm->n", w64)  # [N]: each row's weights are divided by their sum, so the
-        sums = np.einsum("n,nm->m", inv, w64).tolist()  # [m]    weights of a gate add up to exactly its candidates
+        # einsum, not ``@``: numpy's BLAS would run these on its thread pool, whose threads then spin for a while,
+        # burning the cores the requests need (about 0.9 ms of CPU per 500-candidate request, docs/benchmarks.md).
+        # Each row's weights are divided by their sum, so the weights of a gate add up to exactly its candidates.
+        inv = 1.0 / np.einsum("nm->n", w64)  # [N]
+        sums = np.einsum("n,nm->m", inv, w64).tolist()  # [m]
         ent = normalised_entropy(w)  # [N] float32
         self.candidates.inc(len(w))
         for j, (s_, c) in enumerate(zip(sums, top1_counts(w).tolist())):

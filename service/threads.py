@@ -4,9 +4,9 @@ Python 3.11 keeps ``threading.Thread.name`` to itself: the kernel knows every th
 process's name (``python``), so ``top -H``, ``ps -L``, ``/proc/<pid>/task/<tid>/comm``, ``perf`` and ``gdb``
 cannot tell the inference executor from the event loop or from a library's own threads (onnxruntime's pool,
 numpy's BLAS). :class:`NamedThread` and :func:`name_native_thread` (a ``ThreadPoolExecutor`` initializer) give
-the calling thread its Python name, cut to the kernel's 15 bytes: ``mtrank-infer_0``, ``mtrank-observe``
-(``mtrank-observe-flush``), ``mtrank-monitor``... Any other thread a worker runs keeps ``python``, and the event
-loop is the thread whose id is the process id. ``docs/service.md`` ("Threads") lists them;
+the calling thread its Python name, cut to the kernel's 15 bytes (``mtrank-infer_0``, ``mtrank-observe``,
+``mtrank-monitor``...: the names are chosen to fit). Any other thread of a worker keeps ``python``; the event loop
+is the one whose thread id is the process id. ``docs/service.md`` ("Threads") lists them;
 ``benchmarks/serve_peers.py`` reads the split of a worker's CPU among them. A no-op where ``prctl`` is missing.
 """
 

@@ -148,8 +148,7 @@ class SqliteJoinStore:
         if self._checkpointer is None and self.checkpoint_interval_s > 0:
             with self._lock:
                 if self._checkpointer is None and not self._closed:
-                    self._checkpointer = NamedThread(target=self._checkpoints, name="mtrank-checkpt",
-                                                 daemon=True)
+                    self._checkpointer = NamedThread(target=self._checkpoints, name="mtrank-checkpt", daemon=True)
                     self._checkpointer.start()
 
     def _checkpoints(self) -> None:
