@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from service.threads import NAME_BYTES, NamedThread
-from tests.service.conftest import clone_bundle, rank_body
+from tests.service.conftest import clone_bundle, rank_body, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names are read from /proc (Linux)")
 
@@ -22,9 +22,17 @@ def os_name(t: threading.Thread) -> str:
 
 def test_a_named_thread_takes_its_name_cut_to_the_kernels_limit() -> None:
     release = threading.Event()
-    long, short = (NamedThread(target=release.wait, name=name, daemon=True) for name in ("mtrank-a-very-long-name", "mtrank-x"))
-    for t in (long, short):
+    running = [threading.Event(), threading.Event()]  # set by the target, which runs after the renaming
+
+    def target(k: int) -> None:
+        running[k].set()
+        release.wait()
+
+    long, short = (NamedThread(target=target, args=(k,), name=name, daemon=True)
+                   for k, name in enumerate(("mtrank-a-very-long-name", "mtrank-x")))
+    for t, started in zip((long, short), running):
         t.start()
+        assert started.wait(10)
     try:
         assert os_name(long) == "mtrank-a-very-long-name"[:NAME_BYTES] and len(os_name(long)) == NAME_BYTES
         assert os_name(short) == "mtrank-x"
@@ -47,4 +55,6 @@ def test_a_worker_names_its_threads_for_the_os(tmp_path: Path, base_bundle: Path
     assert infer and all(os_name(t) == t.name and t.name.startswith("mtrank-infer_") for t in infer)
     named = {"mtrank-observe": svc.obs._thread, "mtrank-monitor": svc.monitor._thread,
              "mtrank-shadow": svc.shadow.worker._thread, "mtrank-reload": svc.registry._threads[0]}
-    assert {name: os_name(t) for name, t in named.items()} == {name: name for name in named}
+    # each renames itself first thing in its own thread: by now (requests served) long since, but wait rather than race
+    wait_until(lambda: {name: os_name(t) for name, t in named.items()} == {name: name for name in named},
+               what="the service's threads named for the OS")
