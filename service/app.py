@@ -3,13 +3,16 @@
 ``create_app(settings)`` builds every component (metrics, feature store, registry, join store,
 feedback log, inference executor, observability, monitor, shadow); the lifespan starts them: feature-store
 connection, the initial bundle load (off the event loop), the reload poller and pub/sub listener,
-the monitor thread, then the GC tuning:
+the monitor thread, then the interpreter tuning (undone at shutdown where it is process-wide state):
 
 * ``gc.freeze()`` moves everything alive after start-up (modules, the model, settings) to a
   permanent generation the collector never scans again;
 * ``gc.set_threshold(gc.gen0_threshold)`` (default 50 000 instead of 700) makes young collections
   rarer: a request allocates a few thousand objects, so the default threshold triggers a
-  collection every request or two, adding its pause to tail latency.
+  collection every request or two, adding its pause to tail latency;
+* ``sys.setswitchinterval(interpreter.switch_interval_ms)`` (default 0.5 ms instead of 5): an inference thread
+  back from onnxruntime (which runs without the GIL) waits for the event loop to let go of the GIL, and with
+  Python's 5 ms a core stood idle through much of that wait (``docs/benchmarks.md``, table of changes).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -190,9 +194,12 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.monitoring.enabled:
             monitor.start()
         tune_gc(settings.gc)
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(settings.interpreter.switch_interval_ms / 1000)
         try:
             yield
         finally:
+            sys.setswitchinterval(switch_interval)
             registry.stop()
             monitor.stop()
             obs.stop()

@@ -335,6 +335,12 @@ class GCSettings(_S):
     gen0_threshold: int = Field(50_000, ge=0)  # 0 keeps Python's default (700)
 
 
+class InterpreterSettings(_S):
+    # sys.setswitchinterval after start-up: how long a thread holding the GIL runs on while another waits for it
+    # (an inference thread back from onnxruntime, the event loop with a request). Python's default is 5 ms.
+    switch_interval_ms: float = Field(0.5, gt=0, le=1000)
+
+
 # ------------------------------------------------------------------------------------- settings
 
 
@@ -360,6 +366,7 @@ class Settings(BaseSettings):
     experiment_salt: str = "mtrank"
     feedback: FeedbackSettings = FeedbackSettings()
     gc: GCSettings = GCSettings()
+    interpreter: InterpreterSettings = InterpreterSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     shadow: ShadowSettings = ShadowSettings()
 
