@@ -364,6 +364,12 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def machine_idle() -> tuple[int, int]:
+    """(idle + iowait, all) jiffies of every CPU of the machine since boot (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (0 when it is gone)."""
     try:
@@ -495,24 +501,26 @@ def run_ab(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workdir
         rounds = [[run_http_config(cfg, bundles, bodies_path, args, workdir, r, expect_items) for cfg in cfgs]
                   for r in range(args.rounds)]
 
-    def stats(run: dict[str, Any]) -> tuple[float, float, float, float]:
+    def stats(run: dict[str, Any]) -> tuple[float, float, float, float, float]:
         if run["errors"] or run["exceptions"]:
             raise RuntimeError(f"{run['config']} round {run['round']}: {run['errors']} errors, {run['exceptions']} exceptions")
         lat = run["latencies"]
         return (run["requests"] / run["elapsed_s"], quantile(lat, 0.5), quantile(lat, 0.99),
-                sum(run["server_cpu_s"].values()) / run["requests"])
+                sum(run["server_cpu_s"].values()) / run["requests"], run["machine_idle"])
 
-    table = [[stats(run) for run in r] for r in rounds]  # [round][side] -> (req/s, p50 s, p99 s, CPU s / request)
+    table = [[stats(run) for run in r] for r in rounds]  # [round][side] -> (req/s, p50 s, p99 s, CPU s / request, idle)
     lines = [f"round {r + 1}: " + "; ".join(f"{cfg.key} {rps:.1f} req/s, p50 {ms(p50)} ms, p99 {ms(p99)} ms, "
-                                          f"server CPU {ms(cpu)} ms/req"
-                                          for cfg, (rps, p50, p99, cpu) in zip(cfgs, row)) for r, row in enumerate(table)]
-    med = [[median([row[k][i] for row in table]) for i in range(4)] for k in range(2)]  # [side][stat]
+                                          f"server CPU {ms(cpu)} ms/req, machine idle {idle:.0%}"
+                                          for cfg, (rps, p50, p99, cpu, idle) in zip(cfgs, row))
+             for r, row in enumerate(table)]
+    med = [[median([row[k][i] for row in table]) for i in range(5)] for k in range(2)]  # [side][stat]
     ratio = median([row[1][0] / row[0][0] for row in table])
     cpu_ratio = median([row[1][3] / row[0][3] for row in table])
     lines.append(f"| {cfgs[0].label} → {cfgs[1].label} | {med[0][0]:.1f} → {med[1][0]:.1f} | **{ratio:.2f}×** | "
                  f"{ms(med[0][1])} → {ms(med[1][1])} | {ms(med[0][2])} → {ms(med[1][2])} | "
-                 f"{ms(med[0][3])} → {ms(med[1][3])} ({cpu_ratio:.2f}×) |  (req/s base → new, median of {args.rounds}; "
-                 "median paired ratio; p50 ms; p99 ms; server CPU ms per request (median paired ratio): medians of rounds)")
+                 f"{ms(med[0][3])} → {ms(med[1][3])} ({cpu_ratio:.2f}×) | {med[0][4]:.0%} → {med[1][4]:.0%} |  (req/s base → "
+                 f"new, median of {args.rounds}; median paired ratio; p50 ms; p99 ms; server CPU ms per request (median "
+                 "paired ratio); the machine's CPUs idle: medians of rounds)")
     return "\n".join(lines)
 
 
@@ -601,9 +609,9 @@ async def loadgen(args: argparse.Namespace) -> dict[str, Any]:
     t_warm, t_end = now + args.warmup, now + args.warmup + args.duration
     marks: dict[str, Any] = {}
 
-    def snapshot() -> tuple[float, float, dict[int, float]]:
+    def snapshot() -> tuple[float, float, dict[int, float], tuple[int, int]]:
         ru = resource.getrusage(resource.RUSAGE_SELF)
-        return time.perf_counter(), ru.ru_utime + ru.ru_stime, {p: cpu_seconds(p) for p in pids}
+        return time.perf_counter(), ru.ru_utime + ru.ru_stime, {p: cpu_seconds(p) for p in pids}, machine_idle()
 
     async def mark_warm() -> None:
         await asyncio.sleep(max(0.0, t_warm - time.perf_counter()))
@@ -613,14 +621,15 @@ async def loadgen(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.gather(*(_client(i, args.port, requests, t_warm, t_end, args.max_requests, args.expect_items, state,
                                    args.concurrency) for i in range(args.concurrency)))
     await marker
-    t_stop, client_cpu, server_cpu = snapshot()
-    t0, client_cpu0, server_cpu0 = marks["warm"]
+    t_stop, client_cpu, server_cpu, idle = snapshot()
+    t0, client_cpu0, server_cpu0, idle0 = marks["warm"]
     capped = state.requests >= args.max_requests
     elapsed = (state.last if capped else t_end) - t_warm
     return {"requests": state.requests, "elapsed_s": elapsed, "capped_by_max_requests": capped,
             "errors": state.errors, "exceptions": state.exceptions, "warmup_requests": state.warmup_requests,
             "concurrency": args.concurrency, "latencies": state.latencies, "client_cpu_s": client_cpu - client_cpu0,
-            "server_cpu_s": {str(p): server_cpu[p] - server_cpu0[p] for p in pids}, "cpu_window_s": t_stop - t0}
+            "server_cpu_s": {str(p): server_cpu[p] - server_cpu0[p] for p in pids}, "cpu_window_s": t_stop - t0,
+            "machine_idle": (idle[0] - idle0[0]) / max(1, idle[1] - idle0[1])}  # share of all CPUs' time idle
 
 
 def loadgen_main(argv: list[str]) -> int:

@@ -148,11 +148,12 @@ class ServerThread:
 
 
 def settings_for(bundles_dir: Path, **overrides: Any) -> Any:
-    """Settings for a test server: fast polling, no pub/sub unless asked, GC untouched."""
+    """Settings for a test server: fast polling, no pub/sub unless asked, GC and the GIL switch interval untouched."""
     from service.settings import load_settings
 
     base: dict[str, Any] = {"reload": {"poll_interval_ms": 50, "pubsub_channel": None},
                             "gc": {"freeze": False, "gen0_threshold": 0},
+                            "interpreter": {"switch_interval_ms": 5.0},  # Python's default
                             "onnx": {"warmup_candidates": [1, 8], "warmup_rounds": 1}}
     for k, v in overrides.items():
         base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -585,6 +586,15 @@ def test_gc_tuning_applied_after_start(tmp_path: Path, make_bundle, start_server
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
+
+
+def test_switch_interval_set_while_serving_and_restored_at_shutdown(tmp_path: Path, make_bundle, start_server) -> None:
+    make_bundle(tmp_path)
+    before = sys.getswitchinterval()
+    srv = start_server(tmp_path, interpreter={"switch_interval_ms": 0.25})
+    assert sys.getswitchinterval() == pytest.approx(0.00025)
+    srv.stop()
+    assert sys.getswitchinterval() == before
 
 
 def test_scores_match_trainer_encoding_end_to_end(served, client: httpx.Client, tiny_run: Path, demo_data: Path) -> None:

@@ -53,6 +53,7 @@ admin: {token: s3cret}
     ("experiments: [{name: a, profile: nope, traffic: 0.5}]", "experiments.0.profile: profile 'nope' is not defined"),
     ("experiments: [{name: a, profile: default, traffic: 0.7}, {name: b, profile: default, traffic: 0.7}]",
      "experiments: traffic adds up to 1.4"),
+    ("interpreter: {switch_interval_ms: 0}", "interpreter.switch_interval_ms: Input should be greater than 0"),
     ("- just a list", "top level must be a mapping"),
     ("a: [unclosed", "not valid YAML"),
 ])
