@@ -2,9 +2,11 @@
 # The serving image: `pip install .[serve]` only (onnxruntime + FastAPI, no torch), built from the
 # repository root: docker build -f docker/serve.Dockerfile -t mtrank-serve .
 # Two stages so the final image carries the installed virtualenv but neither the source tree nor pip's
-# build dependencies (setuptools and its isolated build environment).
+# build dependencies (setuptools and its isolated build environment, the C compiler).
 
-FROM python:3.11.13-slim-bookworm AS build
+# The build stage is the full image (gcc, Python headers): the package's C extension, service._rankscan (the
+# /rank scanner), is compiled there; the final stage, slim, gets the built virtualenv. Same Python version in both.
+FROM python:3.11.13-bookworm AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv

@@ -35,6 +35,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mtrank.config import ConfigError
+from service import rank_body
 from service.api import Services, router
 from service.errors import error_body
 from service.feature_store import build_feature_store
@@ -194,6 +195,8 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.monitoring.enabled:
             monitor.start()
         tune_gc(settings.gc)
+        if not rank_body.SCANNER:
+            log.warning("service._rankscan is not built (no C compiler at install): /rank bodies take the Python path")
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(settings.interpreter.switch_interval_ms / 1000)
         try:

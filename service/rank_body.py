@@ -4,7 +4,14 @@ The candidates come in one of two forms: a list of objects (``RankRequest``: ``{
 per candidate) or, for clients that can send them, columns (``RankColumnsRequest``: ``{"item_id": [...],
 "features": {name: [...]}}``: one key per feature instead of one per value, and no object per candidate to build).
 
-A valid body takes the **fast path**:
+A list-form body of the usual shape (every candidate ``{"item_id", "features"}`` with the same feature names in the
+same order, scalar values, no string escapes) takes the **scanned path**: ``service._rankscan`` (C, built with the
+package) reads the candidates from the bytes straight into columns, an integer column into int64 without a Python
+object per value, and checks them against the same rules as the fast path below; ``orjson`` parses the rest of the
+body (the options). The scanner answers "not my case" rather than "invalid", so any body it does not take goes on
+to the fast path, and a body without the extension (built with no C compiler) too.
+
+Any other valid body takes the **fast path**:
 
 1. ``orjson.loads`` on the raw bytes;
 2. the fields other than ``candidates`` (a few values) through :class:`service.schemas.RankOptions`;
@@ -51,6 +58,12 @@ from service.schemas import (
 )
 from service.scorer import InputError
 
+try:
+    from service import _rankscan
+except ImportError:  # the package was built without a C compiler (the extension is optional): the fast path
+    _rankscan = None
+SCANNER = _rankscan is not None  # the scanned path is there (the app logs a warning at start-up when not)
+
 _I64 = 1 << 63
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _NUMBERS = frozenset({int, float, bool})
@@ -64,7 +77,9 @@ class RankBody:
 
     options: RankOptions
     item_ids: list[str]  # [n]
-    item_features: list[Mapping[str, Any]] | None  # [n] per candidate, as sent (error messages locate values in them)
+    # [n] per candidate, as sent (error messages locate values in them); None: the column form, or a scanned list
+    # form (every candidate sent every name of ``columns``)
+    item_features: list[Mapping[str, Any]] | None
     # feature name -> [n] values (None: not sent; an integer column as int64), every name sent. None: not built
     columns: dict[str, list[Any] | np.ndarray] | None
     columnar: bool = False
@@ -81,6 +96,9 @@ def parse_rank(body: bytes, content_type: str | None) -> RankBody:
     would for a route declaring ``RankRequest`` (``RankColumnsRequest`` when ``candidates`` is an object), and
     ``InputError`` (422) for a features column whose length is not the number of item ids."""
     if is_json(content_type):
+        scanned = _scanned(body) if _rankscan is not None else None
+        if scanned is not None:
+            return scanned
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -89,6 +107,37 @@ def parse_rank(body: bytes, content_type: str | None) -> RankBody:
         if fast is not None:
             return fast
     return _checked(body, content_type)
+
+
+def _scanned(body: bytes) -> RankBody | None:
+    """The body through ``service._rankscan``, or None when the scanner does not take it or anything needs the other
+    paths' verdict: the scanner checks the structure and reads integer columns; the item ids, names and other
+    columns it hands back as JSON text, decoded here and held to the fast path's rules."""
+    got = _rankscan.scan(body)
+    if got is None:
+        return None
+    start, end, ids, names, raw = got
+    try:
+        doc = orjson.loads(body[:start] + b"[]" + body[end:])  # the options: every member but the candidates
+        ids, names = orjson.loads(ids), orjson.loads(names)
+        raw = [col if type(col) is bytearray else orjson.loads(col) for col in raw]
+    except orjson.JSONDecodeError:
+        return None
+    del doc["candidates"]
+    if not _valid_ids(ids) or len(names) > MAX_FEATURES or len(set(names)) < len(names) \
+            or (names and max(map(len, names)) > MAX_NAME):
+        return None
+    columns: dict[str, list[Any] | np.ndarray] = {}
+    for name, col in zip(names, raw):
+        checked = np.frombuffer(col, dtype=np.int64) if type(col) is bytearray else _checked_column(col)
+        if checked is None:
+            return None
+        columns[name] = checked
+    try:
+        options = RankOptions.model_validate(doc)
+    except ValidationError:
+        return None
+    return RankBody(options, ids, None, columns)
 
 
 def _fast(doc: dict[str, Any]) -> RankBody | None:

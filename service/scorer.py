@@ -60,6 +60,7 @@ class RankInput:
     """What the scorer needs from a request (validated by ``service.rank_body``), candidates as rows or as columns:
 
     * rows: ``item_features``, one mapping per candidate, and optionally ``columns`` built from them;
+    * rows as columns (``service.rank_body``'s scanned list form): ``columns`` only, every candidate sending every name;
     * columns (``columnar``, the request sent ``candidates`` as columns): ``columns`` only.
     """
 
@@ -97,8 +98,8 @@ class RankInput:
         """Where candidate ``i``'s ``name`` is in the body (``i`` None: the first candidate sending it)."""
         if self.columnar:
             return ("body", "candidates", "features", name) + (() if i is None else (i,))
-        if i is None:
-            i = next(j for j, f in enumerate(self.item_features or ()) if name in f)
+        if i is None:  # rows as columns: every candidate sent it
+            i = 0 if self.item_features is None else next(j for j, f in enumerate(self.item_features) if name in f)
         return ("body", "candidates", i, "features", name)
 
 

@@ -199,6 +199,15 @@ def test_images_run_as_a_non_root_user(path: Path) -> None:
     assert user is not None and user.split(":")[0] not in ("root", "0"), f"{path.name}: USER {user}"
 
 
+def test_serving_image_builds_the_c_extension_for_its_python() -> None:
+    """service._rankscan is optional at install (no compiler: the Python path), so the image must bring one: the build
+    stage is the full python image (gcc), of the final stage's exact Python version, which gets the built venv."""
+    froms = dockerfile(SERVE_DOCKERFILE).all("FROM")
+    build, final = (re.match(r"python:(\S+?)-(\S+)", args.split()[0]) for args in (froms[0], froms[-1]))
+    assert build and final and build[1] == final[1], froms
+    assert "slim" not in build[2] and "alpine" not in build[2], f"the build stage needs a C compiler: {froms[0]}"
+
+
 def test_serving_image_layout() -> None:
     image = dockerfile(SERVE_DOCKERFILE)
     env = image.env()

@@ -1,6 +1,7 @@
-"""service.rank_body: the fast path (orjson, checks per column) against the checked path (FastAPI's json.loads +
-the RankRequest / RankColumnsRequest model) on the same bodies: valid bodies give the same request, invalid ones
-the same errors; the column form gives what the list form gives."""
+"""service.rank_body: the scanned path (service._rankscan) and the fast path (orjson, checks per column) against the
+checked path (FastAPI's json.loads + the RankRequest / RankColumnsRequest model) on the same bodies: valid bodies give
+the same request, invalid ones the same errors; the column form gives what the list form gives. The scanner's own
+cases and a fuzz of both paths: tests/service/test_rankscan.py."""
 
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ def _outcome(parse: Any, body: bytes, content_type: str | None = JSON) -> tuple[
     if got.columnar:
         cols = {k: list(v) for k, v in (got.columns or {}).items()}
         return "ok", (got.options.model_dump(exclude={"candidates"}), got.item_ids, cols)
-    features = [dict(f) for f in got.item_features or ()]
+    if got.item_features is None:  # the scanned list form: columns only, every candidate sending every name
+        assert got.columns is not None
+        features = [{k: v[i].item() if isinstance(v, np.ndarray) else v[i] for k, v in got.columns.items()}
+                    for i in range(len(got.item_ids))]
+    else:
+        features = [dict(f) for f in got.item_features]
     if got.columns is not None:  # the columns are the per-candidate features, by name
         names = set().union(*features)
         assert set(got.columns) == names
