@@ -37,12 +37,16 @@ def working_dir(path: str | None, prefix: str) -> Iterator[Path]:
 @contextmanager
 def revision_tree(rev: str | None, path: Path) -> Iterator[Path]:
     """The code of revision ``rev`` (an A/B's side): this checkout for None, else a detached git worktree of ``rev``
-    at ``path``, removed on exit."""
+    at ``path`` with its C extensions built in place (the ``ext-modules`` of its pyproject.toml, if any), removed on
+    exit."""
     if rev is None:
         yield ROOT
         return
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(path), rev], check=True)
     try:
+        if "ext-modules" in (path / "pyproject.toml").read_text():
+            subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q", "build_ext", "--inplace"],
+                           cwd=path, check=True)
         yield path
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
