@@ -487,6 +487,19 @@ def summarise_http(runs: list[dict[str, Any]], configs: Sequence[ServerConfig]) 
     return summary
 
 
+def add_ab_env(ap: argparse.ArgumentParser) -> None:
+    """--ab-env-base / --ab-env-new: settings for one side of --ab (a setting's A/B: the same revision on both)."""
+    for side in ("base", "new"):
+        ap.add_argument(f"--ab-env-{side}", metavar="KEY=VALUE", action="append", default=[],
+                        type=_env_pair, help=f"an environment variable for the {side} server of --ab (repeatable)")
+
+
+def _env_pair(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"KEY=VALUE expected, got {text!r}")
+    return text
+
+
 def run_ab(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workdir: Path,
            expect_items: int = HTTP_CANDIDATES) -> str:
     """``--ab BASE [--ab-new NEW]``: 1 worker, 1 intra-op thread, the two revisions alternating round by
@@ -495,9 +508,11 @@ def run_ab(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workdir
     bodies_path = workdir / "bodies-http.jsonl"
     bodies_path.write_bytes(b"\n".join(bodies) + b"\n")
     env = {"MTRANK_ONNX__INTRA_OP_THREADS": "1"}
+    sides = (("base", args.ab, args.ab_env_base), ("new", args.ab_new, args.ab_env_new))
     with ExitStack() as trees:
-        cfgs = [ServerConfig(key, rev or "working tree", 1, env, trees.enter_context(revision_tree(rev, workdir / f"tree-{key}")))
-                for key, rev in (("base", args.ab), ("new", args.ab_new))]
+        cfgs = [ServerConfig(key, " ".join([rev or "working tree", *extra]), 1, env | dict(e.split("=", 1) for e in extra),
+                             trees.enter_context(revision_tree(rev, workdir / f"tree-{key}")))
+                for key, rev, extra in sides]
         rounds = [[run_http_config(cfg, bundles, bodies_path, args, workdir, r, expect_items) for cfg in cfgs]
                   for r in range(args.rounds)]
 
@@ -819,6 +834,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--ab", metavar="BASE_REV", help="A/B instead: /rank served by BASE_REV vs --ab-new, alternating "
                     "(1 worker, 1 intra-op thread; prints, docs untouched; --rounds default 7)")
     ap.add_argument("--ab-new", metavar="REV", help="the other side of --ab (default: this working tree)")
+    add_ab_env(ap)
     args = ap.parse_args(argv)
     q = args.quick
     args.duration = args.duration if args.duration is not None else (2.0 if q else 20.0)

@@ -728,6 +728,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "BASE_REV vs --ab-new at --ab-size candidates, alternating (prints, docs untouched; --rounds default 5)")
     ap.add_argument("--ab-new", metavar="REV", help="the other side of --ab (default: this working tree)")
     ap.add_argument("--ab-size", type=int, default=TARGET_N, help=f"candidates per request in --ab (default {TARGET_N})")
+    serve_bench.add_ab_env(ap)
     args = ap.parse_args(argv)
     q = args.quick
     args.duration = args.duration if args.duration is not None else (2.0 if q else 8.0)
