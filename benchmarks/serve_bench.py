@@ -26,9 +26,11 @@ baseline measured in the same run, on the same bundle and the same requests:
    rounds; latencies are pooled over rounds, req/s is the median round. The load generator runs on the
    same 2 cores as the server; its CPU time and the server processes' CPU time are reported.
 4. **A/B** (``--ab BASE_REV [--ab-new REV]``, instead of 2 and 3): the same HTTP run against servers from
-   two git revisions (a detached worktree each; ``--ab-new`` defaults to this working tree), 1 worker with
-   1 intra-op thread, the revisions alternating round by round; prints per-round numbers and a table row
-   (median req/s, median of the paired ratios, p50 and p99).
+   two git revisions (a detached worktree each, C extensions built in place; ``--ab-new`` defaults to this
+   working tree), 1 worker with 1 intra-op thread, the revisions alternating round by round; prints per-round
+   numbers and a table row (median req/s, median of the paired ratios, p50 and p99, server CPU per request, the
+   machine's idle CPU share). ``--ab-env-base`` / ``--ab-env-new KEY=VALUE`` set the environment of one side
+   (a setting's A/B: the same revision on both sides).
 
 Usage (from the repository root; OPENBLAS_CORETYPE slows numpy on the benchmark machine, so unset it)::
 

@@ -3,7 +3,7 @@
 ``create_app(settings)`` builds every component (metrics, feature store, registry, join store,
 feedback log, inference executor, observability, monitor, shadow); the lifespan starts them: feature-store
 connection, the initial bundle load (off the event loop), the reload poller and pub/sub listener,
-the monitor thread, then the interpreter tuning (undone at shutdown where it is process-wide state):
+the monitor thread, then the interpreter tuning (the switch interval is restored at shutdown):
 
 * ``gc.freeze()`` moves everything alive after start-up (modules, the model, settings) to a
   permanent generation the collector never scans again;
@@ -11,8 +11,8 @@ the monitor thread, then the interpreter tuning (undone at shutdown where it is 
   rarer: a request allocates a few thousand objects, so the default threshold triggers a
   collection every request or two, adding its pause to tail latency;
 * ``sys.setswitchinterval(interpreter.switch_interval_ms)`` (default 0.5 ms instead of 5): an inference thread
-  back from onnxruntime (which runs without the GIL) waits for the event loop to let go of the GIL, and with
-  Python's 5 ms a core stood idle through much of that wait (``docs/benchmarks.md``, table of changes).
+  back from onnxruntime (which runs without the GIL) waits less for the event loop to let go of the GIL, its core
+  idle meanwhile (``docs/benchmarks.md``, table of changes: less idle CPU, a small req/s gain).
 """
 
 from __future__ import annotations

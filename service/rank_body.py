@@ -5,11 +5,12 @@ per candidate) or, for clients that can send them, columns (``RankColumnsRequest
 "features": {name: [...]}}``: one key per feature instead of one per value, and no object per candidate to build).
 
 A list-form body of the usual shape (every candidate ``{"item_id", "features"}`` with the same feature names in the
-same order, scalar values, no string escapes) takes the **scanned path**: ``service._rankscan`` (C, built with the
-package) reads the candidates from the bytes straight into columns, an integer column into int64 without a Python
-object per value, and checks them against the same rules as the fast path below; ``orjson`` parses the rest of the
-body (the options). The scanner answers "not my case" rather than "invalid", so any body it does not take goes on
-to the fast path, and a body without the extension (built with no C compiler) too.
+same order, no escaped keys) takes the **scanned path**: ``service._rankscan`` (C, built with the package) reads the
+candidates in one pass over the bytes with the GIL released, an integer column straight into int64 without a Python
+object per value; the item ids, the names and the other columns come back as JSON text, which ``orjson`` decodes and
+the fast path's column checks (step 3 below) hold to the rules; ``orjson`` parses the rest of the body (the
+options). The scanner answers "not my case" rather than "invalid", so any body it does not take goes on to the fast
+path, and so does every body when the extension is missing (the package was built with no C compiler).
 
 Any other valid body takes the **fast path**:
 
