@@ -23,10 +23,11 @@ server, closed-loop load over loopback at ``--concurrency`` connections, for ``-
    [B, I] x [I, 2048] at each size B (``model_speed.gemm_graph`` / ``round_robin``), and the multiply-adds of one
    request of B candidates in the fp32 bundle (``model_speed.profiled_macs``).
 4. **Servers**, all started once and kept up for the whole run, one uvicorn worker unless stated: (a) ``mtrank
-   serve --bundles DIR --workers 1`` with the fp32 bundle and with the int8 bundle (their default
-   ``onnx.intra_op_threads: auto``: all cores for one worker), fp32 sent the column-form bodies, fp32 with
-   ``MTRANK_ONNX__INTRA_OP_THREADS=1`` (the server whose CPU is accounted, step 6), and fp32 with the default ``--workers auto`` (one worker per core, one
-   intra-op thread each); (b) naive and (c) rechub: ``python -m uvicorn --factory
+   serve --bundles DIR --workers 1`` with the fp32 bundle and ``MTRANK_ONNX__INTRA_OP_THREADS=1`` (what
+   ``onnx.intra_op_threads: auto`` gives one worker with its 2 executor threads on 2 cores; the server whose CPU
+   is accounted, step 6), with the int8 bundle and fp32 sent the column-form bodies (both with the default
+   threads), fp32 with one intra-op thread per core (the default before 2026-11-26), and fp32 with the default
+   ``--workers auto`` (one worker per core, one intra-op thread each); (b) naive and (c) rechub: ``python -m uvicorn --factory
    benchmarks.peer_services:naive_app`` / ``rechub_app`` with ``--no-access-log`` (mtrank's access log is off too),
    with torch's and onnxruntime's default threads (all cores).
 5. **Load.** ``serve_bench``'s load generator (``_loadgen``: its own process, ``--concurrency`` keep-alive HTTP/1.1
@@ -40,8 +41,8 @@ server, closed-loop load over loopback at ``--concurrency`` connections, for ``-
    per request spent outside the model = 1 - the model's quiet ``session.run`` seconds (step 3: one thread, so its
    wall time is its CPU time) / the server's CPU seconds per request (/proc). Under load the inference stage's wall
    time also holds waits for the GIL and the cores, so it cannot stand for the model's CPU.
-7. ``--half-load``: after the rounds, mtrank fp32 (1 worker, with its default threads and with one intra-op thread,
-   in turn) at 500 candidates under open-loop load (``_openloop``: arrivals at half the closed-loop req/s of the
+7. ``--half-load``: after the rounds, mtrank fp32 (1 worker, with one intra-op thread and with one per core, in
+   turn) at 500 candidates under open-loop load (``_openloop``: arrivals at half the closed-loop req/s of the
    first in step 5, Poisson and then evenly spaced, each request on an idle keep-alive
    connection or a new one, latency from the scheduled arrival; warm-up, then 2 x ``--duration`` each): p50, p99
    and whether p99 <= 2 x p50, beside what an ideal queue gives under Poisson arrivals (``ideal_tail``).
@@ -108,8 +109,8 @@ TARGET_N, TARGET_NAIVE, TARGET_RECHUB = 500, 4.0, 2.0
 MAX_IDLE_S = 2.0  # the open-loop client's limit on reusing an idle keep-alive connection
 STAGE_RE = re.compile(r'^mtrank_rank_stage_seconds_(sum|count)\{stage="([^"]+)"\} (\S+)$', re.M)
 ONE_THREAD = {"MTRANK_ONNX__INTRA_OP_THREADS": "1"}
-ACCOUNTED = "fp32-1t"  # the server whose CPU per request is split into model and the rest (one intra-op thread)
-HALF_LOAD = ("fp32", ACCOUNTED)  # the servers run at half load: 1 worker with its default threads, and with one
+ACCOUNTED = "fp32"  # the server whose CPU per request is split into model and the rest (one intra-op thread)
+HALF_LOAD = ("fp32", "fp32-all")  # the servers run at half load: 1 worker with one intra-op thread, and with all cores
 
 
 # --------------------------------------------------------------------------------- model and data
@@ -334,11 +335,13 @@ def variants(paths: Paths) -> list[Variant]:
     cores = available_cores()  # what --workers auto resolves to (each worker: one intra-op thread per core it gets)
     fp32, int8 = paths.serving("fp32"), paths.serving("int8")
     return [
-        Variant(ServerConfig("fp32", "(a) mtrank fp32, 1 worker", 1, {}), bundles=fp32),
+        # one intra-op thread per inference: onnx.intra_op_threads auto for 1 worker and 2 executor threads on 2 cores
+        Variant(ServerConfig("fp32", "(a) mtrank fp32, 1 worker, 1 intra-op thread", 1, ONE_THREAD), bundles=fp32),
         Variant(ServerConfig("int8", "(a) mtrank int8, 1 worker", 1, {}), bundles=int8),
         Variant(ServerConfig("columns", "(a) mtrank fp32, 1 worker, candidates as columns", 1, {}), bundles=fp32,
                 columns=True),
-        Variant(ServerConfig(ACCOUNTED, "(a) mtrank fp32, 1 worker, 1 intra-op thread", 1, ONE_THREAD), bundles=fp32),
+        Variant(ServerConfig("fp32-all", f"(a) mtrank fp32, 1 worker, {cores} intra-op threads", 1,
+                             {"MTRANK_ONNX__INTRA_OP_THREADS": str(cores)}), bundles=fp32),
         Variant(ServerConfig("auto", f"(a) mtrank fp32, the default --workers auto ({cores} workers)", cores, {}),
                 bundles=fp32),
         Variant(ServerConfig("naive", "(b) naive: FastAPI + eager PyTorch", 1, peer), factory="naive_app"),
@@ -436,7 +439,7 @@ def run_http(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         for v in vs:
             servers[v.cfg.key].wait_ready()
             startup[v.cfg.key] = time.perf_counter() - t0  # all start together: an upper bound
-        for key in ("fp32", "int8", "columns", ACCOUNTED):  # thread_cpu reads one process; the targets are per worker
+        for key in ("fp32", "int8", "columns", "fp32-all"):  # thread_cpu reads one process; the targets are per worker
             if len(process_tree(servers[key].proc.pid)) != 1:
                 raise RuntimeError(f"mtrank {key}, 1 worker: expected one process, got {servers[key].cmd}")
         log(f"{len(vs)} servers ready; {args.rounds} round(s) x {len(args.sizes)} sizes x {len(vs)} servers, "
@@ -691,7 +694,7 @@ def render(meta: dict[str, Any], facts: dict[str, Any], http: dict[str, Any] | N
         lines += ["", f"Half load: not measured ({half['error']})."]
     elif half is not None:
         labels = http["servers"]
-        lines += ["", f"Half load (mtrank fp32, 1 worker, with its default threads and with one intra-op thread, "
+        lines += ["", f"Half load (mtrank fp32, 1 worker, with one intra-op thread and with one per core, "
                   f"{TARGET_N} candidates, open loop at {half['rate']:.1f} req/s = "
                   f"half the closed-loop {half['saturation_rps']:.1f} req/s; latency from each request's scheduled "
                   "arrival; a keep-alive connection idle for 2 s is not reused). Poisson arrivals come in bursts that "

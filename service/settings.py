@@ -78,7 +78,8 @@ CountOrAuto = Annotated[int | Literal["auto"], PlainValidator(_count_or_auto)]
 
 
 class OnnxSettings(_S):
-    # auto: the available cores shared out among the workers (Settings resolves it; standalone: all of them);
+    # auto: the available cores shared out among the workers' executor threads (Settings resolves it; standalone:
+    # all of them);
     # 0 = onnxruntime's default (all cores)
     intra_op_threads: CountOrAuto = "auto"
     inter_op_threads: int = Field(1, ge=0)
@@ -374,7 +375,8 @@ class Settings(BaseSettings):
     @classmethod
     def _auto_parallelism(cls, data: Any) -> Any:
         """``workers: auto`` (the default) = ``available_cores()``; ``onnx.intra_op_threads: auto`` (the default) =
-        the cores per worker (at least 1), so the workers' ONNX Runtime threads do not oversubscribe the machine."""
+        the cores per inference thread: cores / (workers x ``onnx.executor_threads``), at least 1, so the ONNX Runtime
+        threads of the runs that can be in flight at once do not oversubscribe the machine."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
@@ -382,12 +384,17 @@ class Settings(BaseSettings):
         if data.get("workers", "auto") == "auto":
             data["workers"] = cores
         onnx = data.get("onnx", {})
-        auto = onnx.intra_op_threads if isinstance(onnx, OnnxSettings) else onnx.get("intra_op_threads", "auto") \
-            if isinstance(onnx, dict) else None
+        if isinstance(onnx, OnnxSettings):
+            auto, executors = onnx.intra_op_threads, onnx.executor_threads
+        elif isinstance(onnx, dict):
+            auto = onnx.get("intra_op_threads", "auto")
+            executors = onnx.get("executor_threads", OnnxSettings.model_fields["executor_threads"].default)
+        else:
+            return data  # not a mapping: its own error names it
         try:
-            threads = max(1, cores // int(data["workers"]))
+            threads = max(1, cores // (int(data["workers"]) * int(executors)))
         except (TypeError, ValueError, ZeroDivisionError):
-            return data  # a bad workers value: its own error names it
+            return data  # a bad workers or executor_threads value: its own error names it
         if auto == "auto":
             data["onnx"] = onnx.model_copy(update={"intra_op_threads": threads}) if isinstance(onnx, OnnxSettings) \
                 else {**onnx, "intra_op_threads": threads}

@@ -79,8 +79,11 @@ def test_bad_env_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(("env", "workers", "intra"), [
     ({}, 8, 1),  # workers auto = cores, one intra-op thread each
-    ({"MTRANK_WORKERS": "1"}, 1, 8),
-    ({"MTRANK_WORKERS": "3"}, 3, 2),  # 8 // 3
+    ({"MTRANK_WORKERS": "1"}, 1, 4),  # 8 // (1 worker x 2 executor threads): two runs in flight at once
+    ({"MTRANK_WORKERS": "1", "MTRANK_ONNX__EXECUTOR_THREADS": "1"}, 1, 8),  # one run at a time: every core
+    ({"MTRANK_WORKERS": "2", "MTRANK_ONNX__EXECUTOR_THREADS": "1"}, 2, 4),
+    ({"MTRANK_WORKERS": "3", "MTRANK_ONNX__EXECUTOR_THREADS": "1"}, 3, 2),  # 8 // 3
+    ({"MTRANK_WORKERS": "3"}, 3, 1),  # 8 // 6
     ({"MTRANK_WORKERS": "16"}, 16, 1),  # more workers than cores: still one thread
     ({"MTRANK_WORKERS": "1", "MTRANK_ONNX__INTRA_OP_THREADS": "6"}, 1, 6),  # a count is kept as given
 ])
