@@ -138,8 +138,9 @@ def measure_bundle(bundle_dir: Path, bodies: dict[int, list[bytes]], reps: dict[
     from service.metrics import ENTROPY_BUCKETS, Metrics, observe_many
     from service.monitor import Monitor
     from service.observe import Observability, gate_labels
+    from service.rank_response import response_items
     from service.schemas import RankRequest
-    from service.scorer import Model, RankInput, rank, response_items
+    from service.scorer import Model, RankInput, rank
     from service.settings import FeedbackSettings, FusionSettings, OnnxSettings, Settings
 
     settings = Settings()

@@ -192,7 +192,7 @@ class InprocSize:
     inference: list[float] = field(default_factory=list)
     rest: list[float] = field(default_factory=list)  # calibration + fusion + argsort (rank() minus the timed stages)
     parse: list[float] = field(default_factory=list)  # service.rank_body.parse_rank (what the handler does)
-    respond: list[float] = field(default_factory=list)  # response_items + orjson.dumps (what the handler does)
+    respond: list[float] = field(default_factory=list)  # service.rank_response.response_json (what the handler does)
     predlog: list[float] = field(default_factory=list)  # JoinStore.put (memory backend)
     batched: list[float] = field(default_factory=list)  # one session.run over n candidates, request inputs [1, .]
     per_candidate: list[float] = field(default_factory=list)  # n session.runs of batch 1
@@ -233,12 +233,12 @@ def _clock(fn: Callable[[], Any]) -> float:
 def run_inprocess(bundle_dir: Path, bodies: dict[int, list[bytes]], reps: dict[int, int],
                   baseline_reps: dict[int, int]) -> dict[str, Any]:
     import numpy as np
-    import orjson
 
     from service.feature_store import StoreResult
     from service.feedback.memory import MemoryJoinStore
     from service.rank_body import RankBody, parse_rank
-    from service.scorer import Model, RankInput, rank, response_items
+    from service.rank_response import response_json
+    from service.scorer import Model, RankInput, rank
     from service.settings import FeedbackSettings, FusionSettings, OnnxSettings, Settings
 
     settings = Settings()
@@ -279,9 +279,9 @@ def run_inprocess(bundle_dir: Path, bodies: dict[int, list[bytes]], reps: dict[i
                 res.parse.append(_clock(lambda body=body: parse(body)))
                 base = {"request_id": f"r{k}", "model_version": model.version, "fusion": settings.fusion.default,
                         "arm": "default", "degraded": False}
-                res.respond.append(_clock(lambda ranked=ranked, inp=inp, req=req, base=base: orjson.dumps(
-                    {**base, "items": response_items(inp.item_ids, ranked, model.task_names, req.options.raw_scores,
-                                                     req.options.return_task_scores)})))
+                res.respond.append(_clock(lambda ranked=ranked, inp=inp, req=req, base=base: response_json(
+                    base, inp.item_ids, ranked, model.task_names, req.options.raw_scores,
+                    req.options.return_task_scores)))
                 res.predlog.append(_clock(lambda ranked=ranked, inp=inp, key=f"r{n}-{k}": predictions.put(
                     key, model.version, "default", inp.item_ids, model.task_names, ranked.scored.raw,
                     ranked.scored.calibrated)))
@@ -732,7 +732,7 @@ def render(meta: dict[str, Any], inproc: dict[str, Any] | None, http: dict[str, 
                          f"{1e6 * s['total']['median'] / s['n']:.1f} |")
         lines += ["", "The handler's other work on the same requests, same process (not in `rank()`; runs on the "
                   "event loop): parsing = `service.rank_body.parse_rank` (what the handler does with the body), "
-                  "response = `response_items` + `orjson.dumps`, prediction log = `JoinStore.put` (memory backend). "
+                  "response = `service.rank_response.response_json`, prediction log = `JoinStore.put` (memory backend). "
                   "Medians in ms; the last column compares them with `rank()` itself.", "",
                   "| candidates | parse p50 | response p50 | prediction log p50 | (parse + response + log) / rank |",
                   "|---:|---:|---:|---:|---:|"]

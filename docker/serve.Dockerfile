@@ -4,7 +4,7 @@
 # Two stages so the final image carries the installed virtualenv but neither the source tree nor pip's
 # build dependencies (setuptools and its isolated build environment, the C compiler).
 
-# The build stage is the full image (gcc, Python headers): the package's C extension, service._rankscan (the
+# The build stage is the full image (gcc, Python headers): the package's C extension, service._rankjson (the
 # /rank scanner), is compiled there; the final stage, slim, gets the built virtualenv. Same Python version in both.
 FROM python:3.11.13-bookworm AS build
 

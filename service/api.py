@@ -31,6 +31,7 @@ from service.metrics import Metrics
 from service.monitor import Monitor
 from service.observe import Observability
 from service.rank_body import parse_rank
+from service.rank_response import response_json
 from service.registry import Registry, ReloadError
 from service.schemas import (
     ErrorResponse,
@@ -45,7 +46,7 @@ from service.schemas import (
     ShadowRequest,
     ShadowResponse,
 )
-from service.scorer import InputError, Model, Ranked, RankInput, rank, response_items
+from service.scorer import InputError, Model, Ranked, RankInput, rank
 from service.settings import Settings
 from service.shadow import Shadow
 
@@ -204,9 +205,10 @@ async def rank_items(request: Request, svc: ServicesDep, model: ModelDep) -> Res
         svc.metrics.stage.labels(stage).observe(seconds)
     if logged == "reused" and req.request_id is not None:
         return _request_id_reused(request_id)
-    items = response_items(item_ids, ranked, model.task_names, req.raw_scores, req.return_task_scores)
+    body = response_json({**base, "degraded": store.degraded}, item_ids, ranked, model.task_names, req.raw_scores,
+                         req.return_task_scores)
     after = BackgroundTask(_after_rank, svc, inp, store, fusion_name, ranked)
-    return _json({**base, "degraded": store.degraded, "items": items}, after)
+    return Response(body, media_type="application/json", background=after)
 
 
 def _rank_observed(svc: Services, model: Model, inp: RankInput, store: StoreResult, fusion: fusion_mod.Fusion,

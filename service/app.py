@@ -195,8 +195,9 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.monitoring.enabled:
             monitor.start()
         tune_gc(settings.gc)
-        if not rank_body.SCANNER:
-            log.warning("service._rankscan is not built (no C compiler at install): /rank bodies take the Python path")
+        if rank_body.rankjson is None:
+            log.warning("service._rankjson is not built (no C compiler at install): /rank bodies and responses take "
+                        "the Python path")
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(settings.interpreter.switch_interval_ms / 1000)
         try:

@@ -5,7 +5,7 @@ per candidate) or, for clients that can send them, columns (``RankColumnsRequest
 "features": {name: [...]}}``: one key per feature instead of one per value, and no object per candidate to build).
 
 A list-form body of the usual shape (every candidate ``{"item_id", "features"}`` with the same feature names in the
-same order, no escaped keys) takes the **scanned path**: ``service._rankscan`` (C, built with the package) reads the
+same order, no escaped keys) takes the **scanned path**: ``service._rankjson`` (C, built with the package) reads the
 candidates in one pass over the bytes with the GIL released, an integer column straight into int64 without a Python
 object per value; the item ids, the names and the other columns come back as JSON text, which ``orjson`` decodes and
 the fast path's column checks (step 3 below) hold to the rules; ``orjson`` parses the rest of the body (the
@@ -59,11 +59,10 @@ from service.schemas import (
 )
 from service.scorer import InputError
 
-try:
-    from service import _rankscan
-except ImportError:  # the package was built without a C compiler (the extension is optional): the fast path
-    _rankscan = None
-SCANNER = _rankscan is not None  # the scanned path is there (the app logs a warning at start-up when not)
+try:  # the C extension (service/_rankjson.c): the scanned path here, the spliced response in service.rank_response
+    from service import _rankjson as rankjson
+except ImportError:  # the package was built without a C compiler (the extension is optional; the app logs it)
+    rankjson = None
 
 _I64 = 1 << 63
 _SCALARS = frozenset({str, int, float, bool, type(None)})
@@ -97,7 +96,7 @@ def parse_rank(body: bytes, content_type: str | None) -> RankBody:
     would for a route declaring ``RankRequest`` (``RankColumnsRequest`` when ``candidates`` is an object), and
     ``InputError`` (422) for a features column whose length is not the number of item ids."""
     if is_json(content_type):
-        scanned = _scanned(body) if _rankscan is not None else None
+        scanned = _scanned(body) if rankjson is not None else None
         if scanned is not None:
             return scanned
         try:
@@ -111,10 +110,10 @@ def parse_rank(body: bytes, content_type: str | None) -> RankBody:
 
 
 def _scanned(body: bytes) -> RankBody | None:
-    """The body through ``service._rankscan``, or None when the scanner does not take it or anything needs the other
+    """The body through ``service._rankjson``, or None when the scanner does not take it or anything needs the other
     paths' verdict: the scanner checks the structure and reads integer columns; the item ids, names and other
     columns it hands back as JSON text, decoded here and held to the fast path's rules."""
-    got = _rankscan.scan(body)
+    got = rankjson.scan(body)
     if got is None:
         return None
     start, end, ids, names, raw = got

@@ -358,17 +358,3 @@ def rank(model: Model, inp: RankInput, store: StoreResult, fusion: fusion_mod.Fu
     if top_k is not None:
         order = order[:top_k]
     return Ranked(order, fused, scored)
-
-
-def response_items(item_ids: list[str], ranked: Ranked, task_names: list[str], raw_scores: bool,
-                   with_task_scores: bool) -> list[dict[str, Any]]:
-    """The response rows for the top k (building JSON objects is the only per-item Python)."""
-    order = ranked.order
-    ids = [item_ids[i] for i in order.tolist()]
-    scores = ranked.fused[order].tolist()
-    if not with_task_scores:
-        return [{"item_id": i, "rank": r, "score": s, "task_scores": None} for r, (i, s) in enumerate(zip(ids, scores), 1)]
-    source = ranked.scored.raw if raw_scores else ranked.scored.calibrated
-    columns = [source[t][order].astype(np.float64).tolist() for t in task_names]  # [T][k]
-    return [{"item_id": i, "rank": r, "score": s, "task_scores": dict(zip(task_names, ts))}
-            for r, (i, s, ts) in enumerate(zip(ids, scores, zip(*columns)), 1)]

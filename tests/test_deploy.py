@@ -200,7 +200,7 @@ def test_images_run_as_a_non_root_user(path: Path) -> None:
 
 
 def test_serving_image_builds_the_c_extension_for_its_python() -> None:
-    """service._rankscan is optional at install (no compiler: the Python path), so the image must bring one: the build
+    """service._rankjson is optional at install (no compiler: the Python path), so the image must bring one: the build
     stage is the full python image (gcc), of the final stage's exact Python version, which gets the built venv."""
     froms = dockerfile(SERVE_DOCKERFILE).all("FROM")
     build, final = (re.match(r"python:(\S+?)-(\S+)", args.split()[0]) for args in (froms[0], froms[-1]))

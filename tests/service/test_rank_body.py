@@ -1,7 +1,7 @@
-"""service.rank_body: the scanned path (service._rankscan) and the fast path (orjson, checks per column) against the
+"""service.rank_body: the scanned path (service._rankjson) and the fast path (orjson, checks per column) against the
 checked path (FastAPI's json.loads + the RankRequest / RankColumnsRequest model) on the same bodies: valid bodies give
 the same request, invalid ones the same errors; the column form gives what the list form gives. The scanner's own
-cases and a fuzz of both paths: tests/service/test_rankscan.py."""
+cases and a fuzz of both paths: tests/service/test_rankjson.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""service._rankscan, the C scanner of the /rank list form: which bodies it takes, what it hands back, and that
+"""service._rankjson, the C scanner of the /rank list form: which bodies it takes, what it hands back, and that
 ``parse_rank`` (scanned path first) answers every body as the checked path does, on usual bodies, on the cases the
 scanner declines and on a fuzz of mutated bodies (truncated, bytes dropped, inserted or replaced)."""
 
@@ -19,12 +19,12 @@ from tests.service.test_rank_body import JSON, _same
 
 @pytest.fixture(scope="module")
 def scan() -> Any:
-    """``service._rankscan.scan``; the package builds it wherever a C compiler is (CI: required)."""
-    if rank_body._rankscan is None:
+    """``service._rankjson.scan``; the package builds it wherever a C compiler is (CI: required)."""
+    if rank_body.rankjson is None:
         if os.environ.get("MTRANK_REQUIRE_BINARIES") == "1":
-            pytest.fail("service._rankscan was not built (MTRANK_REQUIRE_BINARIES=1): pip install -e . needs a C compiler")
-        pytest.skip("service._rankscan not built (no C compiler at install)")
-    return rank_body._rankscan.scan
+            pytest.fail("service._rankjson was not built (MTRANK_REQUIRE_BINARIES=1): pip install -e . needs a C compiler")
+        pytest.skip("service._rankjson not built (no C compiler at install)")
+    return rank_body.rankjson.scan
 
 
 NAMES = ["cat", "brand", "price", "tags", "flag", "label", "none", "big"]

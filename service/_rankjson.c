@@ -1,4 +1,5 @@
-/* service._rankscan: the /rank list form's candidates, from the body's bytes to feature columns in one pass.
+/* service._rankjson: the /rank JSON in C, both ways: the list form's candidates scanned from the body's bytes into
+ * columns, and the response's items spliced from JSON arrays.
  *
  * scan(body) -> None | (start, end, item_ids, names, columns)
  *
@@ -21,7 +22,15 @@
  * (raw bytes), an escaped name, nesting deeper than MAX_DEPTH.
  *
  * The pass touches no Python object and runs with the GIL released (the inference threads run meanwhile); the
- * result is built after it. Tests: tests/service/test_rankscan.py (with a fuzz of mutated bodies).
+ * result is built after it.
+ *
+ * splice(segments, arrays) -> bytes
+ *
+ * k JSON arrays of n elements each (orjson's output: ids, ranks, scores) and k + 1 byte segments give the JSON array
+ * of n items "[S0 A0[i] S1 A1[i] ... Sk, ...]": item i is the segments with the i-th element of each array between
+ * them. ValueError when an array is not a JSON array or their lengths differ.
+ *
+ * Tests: tests/service/test_rankjson.py (with a fuzz of mutated bodies) and tests/service/test_rank_response.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -501,13 +510,111 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
     return out;
 }
 
+/* The spans of a JSON array's elements (*out: PyMem_Malloc'ed, *n of them). 0 when `text` is not a JSON array, or
+ * out of memory (then the error is set). */
+static int elements(const char *text, Py_ssize_t size, Span **out, Py_ssize_t *n) {
+    Cur c = {text, text + size};
+    Py_ssize_t cap = 64;
+    *n = 0;
+    *out = PyMem_Malloc((size_t)cap * sizeof(Span));
+    if (*out == NULL) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    if (!expect(&c, '['))
+        return 0;
+    if (!expect(&c, ']')) {
+        do {
+            if (*n == cap) {
+                cap *= 2;
+                Span *grown = PyMem_Realloc(*out, (size_t)cap * sizeof(Span));
+                if (grown == NULL) {
+                    PyErr_NoMemory();
+                    return 0;
+                }
+                *out = grown;
+            }
+            if (!value_span(&c, &(*out)[(*n)++], 1))
+                return 0;
+        } while (expect(&c, ','));
+        if (!expect(&c, ']'))
+            return 0;
+    }
+    skip_ws(&c);
+    return c.p == c.end;
+}
+
+static PyObject *splice(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *segments, *arrays, *out = NULL;
+    if (!PyArg_ParseTuple(args, "O!O!:splice", &PyTuple_Type, &segments, &PyTuple_Type, &arrays))
+        return NULL;
+    Py_ssize_t k = PyTuple_GET_SIZE(arrays), n = 0, size = 0, fixed = 0;
+    if (PyTuple_GET_SIZE(segments) != k + 1)
+        return PyErr_Format(PyExc_ValueError, "splice: %zd segments for %zd arrays (one more expected)",
+                            PyTuple_GET_SIZE(segments), k);
+    for (Py_ssize_t j = 0; j <= k; j++) {
+        PyObject *b = PyTuple_GET_ITEM(segments, j);
+        if (!PyBytes_Check(b) || (j < k && !PyBytes_Check(PyTuple_GET_ITEM(arrays, j))))
+            return PyErr_Format(PyExc_TypeError, "splice: segments and arrays are bytes");
+        fixed += PyBytes_GET_SIZE(b);
+    }
+    Span **el = PyMem_Calloc((size_t)(k ? k : 1), sizeof(Span *));
+    if (el == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t j = 0; j < k; j++) {
+        PyObject *a = PyTuple_GET_ITEM(arrays, j);
+        Py_ssize_t m;
+        if (!elements(PyBytes_AS_STRING(a), PyBytes_GET_SIZE(a), &el[j], &m)) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "splice: array %zd is not a JSON array", j);
+            goto done;
+        }
+        if (j > 0 && m != n) {
+            PyErr_Format(PyExc_ValueError, "splice: array %zd has %zd elements, array 0 has %zd", j, m, n);
+            goto done;
+        }
+        n = m;
+        size += PyBytes_GET_SIZE(a);
+    }
+    out = PyBytes_FromStringAndSize(NULL, 2 + n * fixed + size + (n > 0 ? n - 1 : 0));
+    if (out == NULL)
+        goto done;
+    char *p = PyBytes_AS_STRING(out);
+    *p++ = '[';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i)
+            *p++ = ',';
+        for (Py_ssize_t j = 0; j <= k; j++) {
+            PyObject *seg = PyTuple_GET_ITEM(segments, j);
+            memcpy(p, PyBytes_AS_STRING(seg), (size_t)PyBytes_GET_SIZE(seg));
+            p += PyBytes_GET_SIZE(seg);
+            if (j < k) {
+                memcpy(p, el[j][i].s, (size_t)el[j][i].len);
+                p += el[j][i].len;
+            }
+        }
+    }
+    *p++ = ']';
+    if (_PyBytes_Resize(&out, p - PyBytes_AS_STRING(out)) < 0) /* the arrays' commas and brackets are not copied */
+        out = NULL;
+done:
+    for (Py_ssize_t j = 0; j < k; j++)
+        PyMem_Free(el[j]);
+    PyMem_Free(el);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_O,
      "scan(body) -> None | (start, end, item_ids, names, columns): the /rank list form's candidates as columns "
-     "(the contract is at the top of service/_rankscan.c)."},
+     "(the contract is at the top of service/_rankjson.c)."},
+    {"splice", splice, METH_VARARGS,
+     "splice(segments, arrays) -> bytes: the JSON array of items, item i being the segments with the i-th element "
+     "of each JSON array between them (see service/_rankjson.c)."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rankscan", NULL, -1, methods, NULL, NULL, NULL, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rankjson", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__rankscan(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__rankjson(void) { return PyModule_Create(&module); }
