@@ -5,7 +5,7 @@
 # build dependencies (setuptools and its isolated build environment, the C compiler).
 
 # The build stage is the full image (gcc, Python headers): the package's C extension, service._rankjson (the
-# /rank scanner), is compiled there; the final stage, slim, gets the built virtualenv. Same Python version in both.
+# /rank JSON paths), is compiled there; the final stage, slim, gets the built virtualenv. Same Python version in both.
 FROM python:3.11.13-bookworm AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
