@@ -206,3 +206,15 @@ def rank_body(n: int = 5, **kw: Any) -> dict[str, Any]:
     body.update(kw)
     return body
 
+
+@pytest.fixture(scope="session")
+def rankjson() -> Any:
+    """``service._rankjson``; the package builds it wherever a C compiler is: skipped without one, a failure under
+    MTRANK_REQUIRE_BINARIES=1 (CI, whose machine has one)."""
+    from service import rank_body
+
+    if rank_body.rankjson is None:
+        if os.environ.get("MTRANK_REQUIRE_BINARIES") == "1":
+            pytest.fail("service._rankjson was not built (MTRANK_REQUIRE_BINARIES=1): pip install -e . needs a C compiler")
+        pytest.skip("service._rankjson not built (no C compiler at install)")
+    return rank_body.rankjson

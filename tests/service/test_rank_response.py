@@ -11,10 +11,9 @@ import numpy as np
 import orjson
 import pytest
 
-from service import rank_body, rank_response
+from service import rank_response
 from service.rank_response import response_items, response_json
 from service.scorer import Ranked, Scored
-from tests.service.test_rankjson import scan  # noqa: F401  (the fixture: the extension built, or skip / CI failure)
 
 SPECIAL = [0.0, -0.0, 1.0, 5e-324, 2.2250738585072014e-308, 1e-7, 0.1, 1 / 3, 123456789.125, 1e21, 1.7976931348623157e308,
            float("nan"), float("inf"), -float("inf")]
@@ -40,7 +39,7 @@ def _ids(rng: random.Random, n: int) -> list[str]:
 
 
 @pytest.mark.parametrize("tasks", [["ctr", "like", "purchase"], ["only"], [], ['q"uote', "é", "back\\slash"]])
-def test_spliced_items_are_orjsons_bytes(scan: Any, tasks: list[str]) -> None:
+def test_spliced_items_are_orjsons_bytes(rankjson: Any, tasks: list[str]) -> None:
     rng = random.Random(len(tasks))
     for n in (0, 1, 2, 17, 500):
         for top_k in (None, 1, 5):
@@ -63,7 +62,7 @@ def test_without_the_extension_the_objects_are_written(monkeypatch: pytest.Monke
         orjson.dumps({**head, "items": response_items(ids, ranked, ["a", "b"], False, True)})
 
 
-def test_head_with_items_is_refused(scan: Any) -> None:
+def test_head_with_items_is_refused(rankjson: Any) -> None:
     rng = random.Random(4)
     with pytest.raises(ValueError, match="items"):
         response_json({"items": 1, "x": 2}, _ids(rng, 3), _ranked(rng, 3, ["a"], None), ["a"], False, True)
@@ -79,12 +78,12 @@ def test_head_with_items_is_refused(scan: Any) -> None:
     ((b"<", b">"), ("[1]",), TypeError),
     (["<", ">"], (b"[1]",), TypeError),
 ])
-def test_splice_refuses_what_is_not_k_arrays_of_n(scan: Any, segments: Any, arrays: Any, error: type) -> None:
+def test_splice_refuses_what_is_not_k_arrays_of_n(rankjson: Any, segments: Any, arrays: Any, error: type) -> None:
     with pytest.raises(error):
-        rank_body.rankjson.splice(segments, arrays)
+        rankjson.splice(segments, arrays)
 
 
-def test_splice_interleaves(scan: Any) -> None:
-    assert rank_body.rankjson.splice((b"<", b"|", b">"), (b'["a,]", "b"]', b"[ 1 , [2, {}] ]")) == \
+def test_splice_interleaves(rankjson: Any) -> None:
+    assert rankjson.splice((b"<", b"|", b">"), (b'["a,]", "b"]', b"[ 1 , [2, {}] ]")) == \
         b'[<"a,]"|1>,<"b"|[2, {}]>]'
-    assert rank_body.rankjson.splice((b"<", b">"), (b"[]",)) == b"[]"
+    assert rankjson.splice((b"<", b">"), (b"[]",)) == b"[]"
