@@ -124,8 +124,8 @@ def _scanned(body: bytes) -> RankBody | None:
     except orjson.JSONDecodeError:
         return None
     del doc["candidates"]
-    if not _valid_ids(ids) or len(names) > MAX_FEATURES or len(set(names)) < len(names) \
-            or (names and max(map(len, names)) > MAX_NAME):
+    # names: unique (the scanner refuses a repeated or escaped name); their number and lengths are checked here
+    if not _valid_ids(ids) or len(names) > MAX_FEATURES or (names and max(map(len, names)) > MAX_NAME):
         return None
     columns: dict[str, list[Any] | np.ndarray] = {}
     for name, col in zip(names, raw):
