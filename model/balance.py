@@ -79,16 +79,16 @@ def min_norm_weights(gram: torch.Tensor, active: torch.Tensor, iterations: int =
     Only ``active`` tasks take weight. Two tasks: the closed form; more: Frank-Wolfe with exact line
     search (Sener & Koltun, Algorithm 2) plus away steps (Lacoste-Julien & Jaggi, 2015), which converge
     linearly where plain Frank-Wolfe crawls towards an optimum on a face of the simplex. Written on M,
-    so it never touches the gradients themselves.
+    so it never touches the gradients themselves; M is [T, T], so it is solved on the host whatever the
+    training device (each iteration branches on its values), and ``a`` comes back on ``gram``'s device.
     """
-    T = gram.shape[0]
+    T, device = gram.shape[0], gram.device
+    alpha = torch.zeros(T, dtype=gram.dtype)
+    gram, active = gram.detach().cpu(), active.cpu()
     idx = torch.nonzero(active, as_tuple=False).flatten()
-    alpha = gram.new_zeros(T)
-    if len(idx) == 0:
-        return alpha
-    if len(idx) == 1:
+    if len(idx) <= 1:
         alpha[idx] = 1.0
-        return alpha
+        return alpha.to(device)
     M = gram[idx][:, idx].double()
     k = len(idx)
     a = torch.full((k,), 1.0 / k, dtype=torch.float64)
@@ -114,7 +114,7 @@ def min_norm_weights(gram: torch.Tensor, active: torch.Tensor, iterations: int =
             a = (a + (gap / curvature).clamp(max=gamma_max) * d).clamp_min(0.0)
             a = a / a.sum()
     alpha[idx] = a.to(alpha.dtype)
-    return alpha
+    return alpha.to(device)
 
 
 def project_conflicts(grads: torch.Tensor, active: torch.Tensor, generator: torch.Generator | None = None

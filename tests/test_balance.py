@@ -70,6 +70,18 @@ def test_min_norm_two_tasks_closed_form_and_inactive_tasks() -> None:
     assert min_norm_weights(G @ G.T, torch.ones(2, dtype=torch.bool)).tolist() == pytest.approx([1.0, 0.0])
 
 
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+@pytest.mark.parametrize("T", [2, 3])
+def test_min_norm_weights_come_back_on_the_device_of_the_gram(device: str, T: int) -> None:
+    """Seen on an H200: the Frank-Wolfe iterate lived on the host, and ``M @ a`` failed on a cuda Gram matrix
+    (every MGDA step of a cuda run); the solve now runs on the host and the weights go back to the Gram's device."""
+    G = torch.randn(T, 7, generator=torch.Generator().manual_seed(T), dtype=torch.float64).to(device)
+    alpha = min_norm_weights(G @ G.T, torch.ones(T, dtype=torch.bool, device=device))
+    assert alpha.device == G.device and alpha.dtype == G.dtype
+    assert float(alpha.sum()) == pytest.approx(1.0) and float(alpha.min()) >= 0
+
+
 # ---------------------------------------------------------------------------------------- PCGrad
 
 
