@@ -1,7 +1,7 @@
 /* service._rankjson: the /rank JSON in C, both ways: the list form's candidates scanned from the body's bytes into
  * columns, and the response's items spliced from JSON arrays.
  *
- * scan(body) -> None | (start, end, item_ids, names, columns)
+ * scan(body, max_id) -> None | (start, end, item_ids, ids_checked, names, columns, kinds)
  *
  * The body is a JSON object whose "candidates" value is an array of objects {"item_id": ..., "features":
  * {name: value}}. When every candidate sends the same feature names in the same order (the usual body), the
@@ -9,9 +9,14 @@
  *
  *   start, end  the byte span of the "candidates" value (the caller parses the rest of the body: a few options);
  *   item_ids    bytes: a JSON array of the candidates' item_id values, as written in the body;
+ *   ids_checked True when every item_id is a string without escapes of 1 to max_id characters (counted as
+ *               UTF-8 sequences: exact for the valid UTF-8 the caller's decoder then requires), so the caller
+ *               need not check them again; False says nothing (the caller checks);
  *   names       bytes: a JSON array of the feature names, in the order the candidates send them;
  *   columns     one per name: a bytearray of n native int64 when every value is an integer literal within
- *               (-2**63, 2**63), else bytes: a JSON array of the values as written.
+ *               (-2**63, 2**63), else bytes: a JSON array of the values as written;
+ *   kinds       bytes, one per column: 'i' (the int64 bytearray), 'f' (JSON text whose every value is a number
+ *               literal with a fraction or an exponent: floats for any JSON decoder) or 'j' (any other JSON text).
  *
  * JSON syntax is checked everywhere (the JSON arrays handed back hold valid JSON text apart from UTF-8 validity,
  * which their decoder checks); the values' types and limits are not: the caller decodes the arrays (orjson) and
@@ -216,12 +221,13 @@ typedef struct {
     Py_ssize_t len;
 } Span;
 
-/* One feature's values over the candidates: every value's span, and int64 while every value is an integer. */
+/* One feature's values over the candidates: every value's span, int64 while every value is an integer, and whether
+ * every value so far is a float literal (a number with a fraction or an exponent). */
 typedef struct {
     Span name; /* raw bytes between the quotes */
     Span *values;
     int64_t *ints;
-    int all_int;
+    int all_int, all_float;
 } Column;
 
 typedef struct {
@@ -229,6 +235,8 @@ typedef struct {
     Py_ssize_t ncols, cap_cols;
     Span *ids;
     Py_ssize_t n, cap_n; /* candidates read; capacity of ids and of every column's arrays */
+    Py_ssize_t max_id;   /* the longest item_id (characters) that ids_checked vouches for */
+    int ids_checked;     /* every item_id so far a string without escapes of 1 to max_id characters */
 } Scan;
 
 static void scan_free(Scan *sc) {
@@ -291,9 +299,10 @@ static int scan_value(Scan *sc, Cur *c, Column *col) {
             return 0;
         if (col->all_int && (is_float || !int_value(v->s, v->len, &col->ints[k])))
             col->all_int = 0;
+        col->all_float &= is_float;
         return 1;
     }
-    col->all_int = 0;
+    col->all_int = col->all_float = 0;
     return value_span(c, &col->values[k], 3);
 }
 
@@ -311,7 +320,7 @@ static int add_name(Scan *sc, const char *s, Py_ssize_t len) {
         sc->cap_cols = cap;
     }
     Column *col = &sc->cols[sc->ncols++];
-    *col = (Column){{s, len}, NULL, NULL, 1};
+    *col = (Column){{s, len}, NULL, NULL, 1, 1};
     if (!resize(col, sc->cap_n))
         return -1;
     return 1;
@@ -362,6 +371,30 @@ static int scan_features(Scan *sc, Cur *c) {
     return expect(c, '}') && j == sc->ncols;
 }
 
+/* A candidate's item_id into *out (its span, quotes included for a string), clearing sc->ids_checked unless it
+ * is a string without escapes of 1 to sc->max_id characters. 0 on a syntax error. */
+static int scan_id(Scan *sc, Cur *c, Span *out) {
+    const char *s;
+    Py_ssize_t len, chars = 0;
+    int escaped;
+    skip_ws(c);
+    if (c->p >= c->end || *c->p != '"') {
+        sc->ids_checked = 0;
+        return value_span(c, out, 3);
+    }
+    out->s = c->p;
+    if (!scan_string(c, &s, &len, &escaped))
+        return 0;
+    out->len = c->p - out->s;
+    if (sc->ids_checked) {
+        for (Py_ssize_t i = 0; i < len; i++) /* characters: bytes that do not continue a UTF-8 sequence */
+            chars += ((unsigned char)s[i] & 0xC0) != 0x80;
+        if (escaped || chars < 1 || chars > sc->max_id)
+            sc->ids_checked = 0;
+    }
+    return 1;
+}
+
 /* One candidate object. 1 taken, 0 not this scanner's case, -1 out of memory. */
 static int scan_candidate(Scan *sc, Cur *c) {
     Span key;
@@ -375,7 +408,7 @@ static int scan_candidate(Scan *sc, Cur *c) {
             return 0;
         if (key_is(key, "item_id") && !have_id) {
             have_id = 1;
-            if (!value_span(c, &sc->ids[sc->n], 3))
+            if (!scan_id(sc, c, &sc->ids[sc->n]))
                 return 0;
         } else if (key_is(key, "features") && !have_features) {
             have_features = 1;
@@ -429,7 +462,7 @@ static PyObject *json_array(const Span *spans, Py_ssize_t n, int quoted) {
 
 /* The result tuple from a completed scan. */
 static PyObject *result(Scan *sc, Py_ssize_t start, Py_ssize_t end) {
-    PyObject *ids = NULL, *names = NULL, *columns = NULL;
+    PyObject *ids = NULL, *names = NULL, *columns = NULL, *kinds = NULL;
     Span *name_spans = PyMem_Malloc((size_t)(sc->ncols ? sc->ncols : 1) * sizeof(Span));
     if (name_spans == NULL)
         return PyErr_NoMemory();
@@ -439,10 +472,12 @@ static PyObject *result(Scan *sc, Py_ssize_t start, Py_ssize_t end) {
     PyMem_Free(name_spans);
     ids = json_array(sc->ids, sc->n, 0);
     columns = PyList_New(sc->ncols);
-    if (names == NULL || ids == NULL || columns == NULL)
+    kinds = PyBytes_FromStringAndSize(NULL, sc->ncols);
+    if (names == NULL || ids == NULL || columns == NULL || kinds == NULL)
         goto fail;
     for (Py_ssize_t j = 0; j < sc->ncols; j++) {
         Column *col = &sc->cols[j];
+        PyBytes_AS_STRING(kinds)[j] = col->all_int ? 'i' : col->all_float ? 'f' : 'j';
         PyObject *v = col->all_int
             ? PyByteArray_FromStringAndSize((const char *)col->ints, sc->n * (Py_ssize_t)sizeof(int64_t))
             : json_array(col->values, sc->n, 0);
@@ -450,11 +485,12 @@ static PyObject *result(Scan *sc, Py_ssize_t start, Py_ssize_t end) {
             goto fail;
         PyList_SET_ITEM(columns, j, v);
     }
-    return Py_BuildValue("(nnNNN)", start, end, ids, names, columns);
+    return Py_BuildValue("(nnNONNN)", start, end, ids, sc->ids_checked ? Py_True : Py_False, names, columns, kinds);
 fail:
     Py_XDECREF(ids);
     Py_XDECREF(names);
     Py_XDECREF(columns);
+    Py_XDECREF(kinds);
     return NULL;
 }
 
@@ -488,13 +524,17 @@ static int scan_body(Scan *sc, const char *body, Py_ssize_t size, Py_ssize_t *st
     return c.p == c.end;
 }
 
-static PyObject *scan(PyObject *self, PyObject *arg) {
+static PyObject *scan(PyObject *self, PyObject *args) {
     (void)self;
-    if (!PyBytes_Check(arg)) /* immutable: safe to read while the GIL is released */
-        return PyErr_Format(PyExc_TypeError, "scan() takes bytes, not %.100s", Py_TYPE(arg)->tp_name);
+    PyObject *arg;
+    Py_ssize_t max_id;
+    if (!PyArg_ParseTuple(args, "O!n:scan", &PyBytes_Type, &arg, &max_id)) /* bytes: immutable, safe without the GIL */
+        return NULL;
     const char *body = PyBytes_AS_STRING(arg);
     Py_ssize_t size = PyBytes_GET_SIZE(arg), start = -1, end = -1;
     Scan sc = {0};
+    sc.max_id = max_id;
+    sc.ids_checked = 1;
     PyObject *out = NULL;
     int r;
     Py_BEGIN_ALLOW_THREADS
@@ -606,8 +646,9 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"scan", scan, METH_O,
-     "scan(body) -> None | (start, end, item_ids, names, columns): the /rank list form's candidates as columns "
+    {"scan", scan, METH_VARARGS,
+     "scan(body, max_id) -> None | (start, end, item_ids, ids_checked, names, columns, kinds): the /rank list "
+     "form's candidates as columns "
      "(the contract is at the top of service/_rankjson.c)."},
     {"splice", splice, METH_VARARGS,
      "splice(segments, arrays) -> bytes: the JSON array of items, item i being the segments with the i-th element "

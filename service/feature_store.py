@@ -47,7 +47,7 @@ EMPTY: Row = MappingProxyType({})  # shared read-only empty row
 @dataclass
 class StoreResult:
     user: Row = field(default_factory=lambda: EMPTY)
-    items: Sequence[Row] = ()  # one row per candidate, aligned with the request (EMPTY when absent)
+    items: Sequence[Row] = ()  # one row per candidate, aligned with the request (EMPTY when absent); () when none has one
     degraded: bool = False  # the store failed; only request features + defaults were used
 
 
@@ -132,12 +132,13 @@ class EmbeddedFeatureStore:
         items: Sequence[Row] = ()
         if need_items and item_ids:
             get = self.items.get
-            items = [get(i, EMPTY) for i in item_ids]  # [n]
-            hits = len(items) - items.count(EMPTY)  # list.count tries identity first: cheap
+            rows = [get(i, EMPTY) for i in item_ids]  # [n]
+            hits = len(rows) - rows.count(EMPTY)  # list.count tries identity first: cheap
             if hits:
                 self.metrics.fs_hits.labels("item").inc(hits)
-            if len(items) - hits:
-                self.metrics.fs_misses.labels("item").inc(len(items) - hits)
+                items = rows
+            if len(rows) - hits:
+                self.metrics.fs_misses.labels("item").inc(len(rows) - hits)
         return StoreResult(user, items)
 
 
@@ -304,9 +305,10 @@ class RedisFeatureStore:
         items: Sequence[Row] = ()
         if ikeys and found:
             rows = [found.get(k) for k in ikeys]  # [n] row or None
-            items = [r or EMPTY for r in rows]
+            hits = len(rows) - rows.count(None)
+            if hits:
+                items = [r or EMPTY for r in rows]
             if not degraded:
-                hits = len(rows) - rows.count(None)
                 if hits:
                     self.metrics.fs_hits.labels("item").inc(hits)
                 if len(rows) - hits:

@@ -7,9 +7,10 @@ per candidate) or, for clients that can send them, columns (``RankColumnsRequest
 A list-form body of the usual shape (every candidate ``{"item_id", "features"}`` with the same feature names in the
 same order, no escaped keys) takes the **scanned path**: ``service._rankjson`` (C, built with the package) reads the
 candidates in one pass over the bytes with the GIL released, an integer column straight into int64 without a Python
-object per value; the item ids, the names and the other columns come back as JSON text, which ``orjson`` decodes and
-the fast path's column checks (step 3 below) hold to the rules; ``orjson`` parses the rest of the body (the
-options). The scanner answers "not my case" rather than "invalid", so any body it does not take goes on to the fast
+object per value, and checks the item ids when they are plain strings of 1-256 characters; the names and the other
+columns come back as JSON text, which ``orjson`` decodes: a column of float literals only into float64 with its range
+checked, any other held to the rules by the fast path's column checks (step 3 below); ``orjson`` parses the rest of
+the body (the options). The scanner answers "not my case" rather than "invalid", so any body it does not take goes on to the fast
 path, and so does every body when the extension is missing (the package was built with no C compiler).
 
 Any other valid body takes the **fast path**:
@@ -80,7 +81,8 @@ class RankBody:
     # [n] per candidate, as sent (error messages locate values in them); None: the column form, or a scanned list
     # form (every candidate sent every name of ``columns``)
     item_features: list[Mapping[str, Any]] | None
-    # feature name -> [n] values (None: not sent; an integer column as int64), every name sent. None: not built
+    # feature name -> [n] values (None: not sent; an integer column as int64, a scanned float column as float64),
+    # every name sent. None: not built
     columns: dict[str, list[Any] | np.ndarray] | None
     columnar: bool = False
 
@@ -113,26 +115,26 @@ def _scanned(body: bytes) -> RankBody | None:
     """The body through ``service._rankjson``, or None when the scanner does not take it or anything needs the other
     paths' verdict: the scanner checks the structure and reads integer columns; the item ids, names and other
     columns it hands back as JSON text, decoded here and held to the fast path's rules."""
-    got = rankjson.scan(body)
+    got = rankjson.scan(body, MAX_ID)
     if got is None:
         return None
-    start, end, ids, names, raw = got
+    start, end, ids, ids_checked, names, raw, kinds = got
     try:
         doc = orjson.loads(body[:start] + b"[]" + body[end:])  # the options: every member but the candidates
         ids, names = orjson.loads(ids), orjson.loads(names)
-        raw = [col if type(col) is bytearray else orjson.loads(col) for col in raw]
+        columns: dict[str, list[Any] | np.ndarray] = {}
+        for name, col, kind in zip(names, raw, kinds):
+            checked = np.frombuffer(col, dtype=np.int64) if kind == _INTS else \
+                _float_column(orjson.loads(col)) if kind == _FLOATS else _checked_column(orjson.loads(col))
+            if checked is None:
+                return None
+            columns[name] = checked
     except orjson.JSONDecodeError:
         return None
     del doc["candidates"]
     # names: unique (the scanner refuses a repeated or escaped name); their number and lengths are checked here
-    if not _valid_ids(ids) or len(names) > MAX_FEATURES or (names and max(map(len, names)) > MAX_NAME):
+    if not (ids_checked or _valid_ids(ids)) or len(names) > MAX_FEATURES or (names and max(map(len, names)) > MAX_NAME):
         return None
-    columns: dict[str, list[Any] | np.ndarray] = {}
-    for name, col in zip(names, raw):
-        checked = np.frombuffer(col, dtype=np.int64) if type(col) is bytearray else _checked_column(col)
-        if checked is None:
-            return None
-        columns[name] = checked
     try:
         options = RankOptions.model_validate(doc)
     except ValidationError:
@@ -184,6 +186,16 @@ def _fast_columns(options: RankOptions, cands: dict[str, Any]) -> RankBody | Non
         return None
     columns = _checked_columns(feats, len(ids))
     return None if columns is None else RankBody(options, ids, None, columns, columnar=True)
+
+
+_INTS, _FLOATS = ord("i"), ord("f")  # service._rankjson's column kinds
+
+
+def _float_column(values: list[float]) -> np.ndarray | None:
+    """A column the scanner found to hold float literals only (orjson gives finite floats only) as float64 [n];
+    None when a value is outside (-2**63, 2**63), which ``_checked_column`` leaves to the checked path too."""
+    col = np.array(values, dtype=np.float64)
+    return col if -_I64 < col.min() and col.max() < _I64 else None
 
 
 def _valid_ids(ids: list[Any]) -> bool:

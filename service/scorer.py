@@ -4,8 +4,8 @@ A request is scored in one pass, vectorised over the candidates:
 
 1. columns: per schema feature, the raw values over the whole candidate list (request value, else
    feature-store value, else None = the schema default); the request's columns come from the body parser
-   (``service.rank_body``: lists, an integer column as int64 [n]), one comprehension per feature merges
-   the store's;
+   (``service.rank_body``: lists, an integer column as int64 [n], a float column as float64 [n]); store
+   values fill, one comprehension per feature, the candidates that sent none;
 2. ``FeatureEncoder.encode("request", cols, 1)`` -> ``request_ids`` int64 [1, S_r], ``request_dense``
    float32 [1, D_r] (the graph broadcasts a request batch of 1 over the candidates) and
    ``encode("item", cols, n)`` -> ``item_ids`` int64 [n, S_i], ``item_dense`` float32 [n, D_i];
@@ -68,7 +68,8 @@ class RankInput:
     context: Mapping[str, Any]
     item_ids: list[str]  # [n], unique
     item_features: list[Mapping[str, Any]] | None  # [n] per candidate; None when the request sent columns
-    # feature name -> [n] values, every name sent (None = not sent; an integer column may be int64 [n])
+    # feature name -> [n] values, every name sent (None = not sent; an integer column may be int64 [n], a float one
+    # float64 [n])
     columns: Mapping[str, list[Any] | np.ndarray] | None = None
     columnar: bool = False
 
@@ -264,13 +265,13 @@ class Model:
         for f in self.item_features:
             name = f.name
             given = inp.item_ids if name == "item_id" else inp.column(name)  # the request's ids feed an item_id feature
-            if isinstance(given, np.ndarray):  # an integer column from the parser: every candidate's, checked
+            if isinstance(given, np.ndarray):  # an int64 or float64 column from the parser: every candidate's, checked
                 cols[name] = given.astype(np.float64) if f.kind == "numeric" else \
                     given if f.kind == "categorical" else given.tolist()
                 continue
             if given is None:
                 col: list[Any] = [r.get(name) for r in rows] if rows else [None] * n
-            elif rows and name != "item_id":
+            elif rows and name != "item_id" and None in given:  # store values fill the candidates that sent none
                 col = [v if v is not None else r.get(name) for v, r in zip(given, rows)]
             else:
                 col = given

@@ -47,6 +47,8 @@ def test_embedded_snapshot_csv_and_parquet(tmp_path: Path) -> None:
     assert sample(m, "mtrank_feature_store_hits_total", side="item") == 2
     assert sample(m, "mtrank_feature_store_misses_total", side="item") == 1
     assert sample(m, "mtrank_feature_store_hits_total", side="user") == 1
+    none = asyncio.run(store.fetch("u2", ["nope", "nada"], False, True))  # no row for any candidate: no rows at all
+    assert none.items == () and sample(m, "mtrank_feature_store_misses_total", side="item") == 3
 
 
 def test_ttl_cache_expiry_and_bound() -> None:
@@ -89,6 +91,7 @@ def test_redis_layout_single_round_trip_and_cache(redis_server, tmp_path: Path) 
         assert r.info("commandstats")["cmdstat_mget"]["calls"] == after
         assert res2.items[0]["item_category"] == "shoes"
         assert sample(m, "mtrank_feature_store_cache_hits_total", side="item") == 2
+        assert (await store.fetch(None, ["bad", "absent"], False, True)).items == ()  # no candidate has a row
         await store.close()
 
     asyncio.run(go())

@@ -31,7 +31,7 @@ def _outcome(parse: Any, body: bytes, content_type: str | None = JSON) -> tuple[
     except InputError as e:
         return "error", (422, [(e.loc, e.kind)])
     if got.columnar:
-        cols = {k: list(v) for k, v in (got.columns or {}).items()}
+        cols = {k: v.tolist() if isinstance(v, np.ndarray) else list(v) for k, v in (got.columns or {}).items()}
         return "ok", (got.options.model_dump(exclude={"candidates"}), got.item_ids, cols)
     if got.item_features is None:  # the scanned list form: columns only, every candidate sending every name
         assert got.columns is not None
@@ -51,6 +51,7 @@ def _outcome(parse: Any, body: bytes, content_type: str | None = JSON) -> tuple[
 def _same(body: bytes, content_type: str | None = JSON) -> tuple[str, Any]:
     fast, checked = _outcome(parse_rank, body, content_type), _outcome(_checked, body, content_type)
     assert fast == checked, body[:300]
+    assert repr(fast) == repr(checked), body[:300]  # the same types too (1 == 1.0 == True for ==)
     return fast
 
 

@@ -21,7 +21,7 @@ def scan(rankjson: Any) -> Any:
     return rankjson.scan
 
 
-NAMES = ["cat", "brand", "price", "tags", "flag", "label", "none", "big"]
+NAMES = ["cat", "brand", "price", "tags", "flag", "label", "none", "big", "score"]
 
 
 def _value(rng: random.Random, name: str) -> Any:
@@ -36,6 +36,8 @@ def _value(rng: random.Random, name: str) -> Any:
         return rng.choice([["a", 1], [], ["é"], None])
     if name == "flag":
         return rng.random() < 0.5
+    if name == "score":  # float literals only (json.dumps writes every float with a fraction or an exponent)
+        return rng.choice([rng.random() * 100, -rng.random(), 1.5e-7, -0.0, 3.0, 2.5e17])
     if name == "label":
         return rng.choice(["plain", "é✓ 漢字", 'quote " and \\ backslash', "tab\there", "\u2028", "", "x" * 1024])
     return None
@@ -68,27 +70,45 @@ def _doc(cands: Any, **extra: Any) -> dict[str, Any]:
 
 def test_usual_bodies_are_scanned_and_give_the_checked_paths_request(scan: Any) -> None:
     rng = random.Random(0)
+    floats = 0
     for _ in range(60):
         body = _dumps(_doc(_usual(rng, rng.choice([1, 2, 17, 80]))), rng)
-        assert scan(body) is not None, body[:200]
+        assert scan(body, 256) is not None, body[:200]
         got = parse_rank(body, JSON)
         assert got.item_features is None and not got.columnar, body[:200]  # the scanned path's result
         assert _same(body)[0] == "ok"
         for k in ("cat", "brand", "big"):  # integer columns: int64, no Python object per value
             assert isinstance(got.columns[k], np.ndarray) and got.columns[k].dtype == np.int64
+        floats += got.columns["score"].dtype == np.float64  # float columns: float64 unless a value is out of range
+    assert floats >= 20
 
 
 def test_the_scanners_output(scan: Any) -> None:
-    body = (b'{"top_k": 2, "candidates": [{"item_id": "a", "features": {"x": 1, "y": 2.5, "z": "s\\"t"}},'
-            b' {"features": {"x": -7, "y": null, "z": true}, "item_id": "b"}], "user_id": "u"}')
-    start, end, ids, names, columns = scan(body)
+    body = (b'{"top_k": 2, "candidates": [{"item_id": "a", "features": {"x": 1, "y": 2.5, "z": "s\\"t", "w": 1e3}},'
+            b' {"features": {"x": -7, "y": null, "z": true, "w": -0.5E-2}, "item_id": "b"}], "user_id": "u"}')
+    start, end, ids, ids_checked, names, columns, kinds = scan(body, 256)
     assert body[start:end].startswith(b"[{") and body[start:end].endswith(b"}]")
     assert json.loads(body[:start] + b"[]" + body[end:]) == {"top_k": 2, "candidates": [], "user_id": "u"}
-    assert json.loads(ids) == ["a", "b"] and json.loads(names) == ["x", "y", "z"]
+    assert json.loads(ids) == ["a", "b"] and ids_checked is True and json.loads(names) == ["x", "y", "z", "w"]
+    assert kinds == b"ijjf"
     assert type(columns[0]) is bytearray and np.frombuffer(columns[0], dtype=np.int64).tolist() == [1, -7]
     assert json.loads(columns[1]) == [2.5, None] and json.loads(columns[2]) == ['s"t', True]
+    assert json.loads(columns[3]) == [1000.0, -0.005]
+    assert scan(body.replace(b"1e3", b"1000"), 256)[6] == b"ijjj"  # an integer literal: not a float column
     with pytest.raises(TypeError):  # bytes only: the pass reads the body without the GIL
-        scan(bytearray(body))
+        scan(bytearray(body), 256)
+
+
+@pytest.mark.parametrize(("item_id", "max_id", "checked"), [
+    (b'"a"', 1, True), (b'"ab"', 1, False), (b'""', 5, False), (b'"\\u00e9"', 5, False), (b"5", 5, False),
+    ("é✓".encode() * 128, 256, True), ("é✓".encode() * 128 + "é".encode(), 256, False)])
+def test_item_ids_are_checked_when_they_are_plain_strings_of_1_to_max_id_characters(
+        scan: Any, item_id: bytes, max_id: int, checked: bool) -> None:
+    """Characters, not bytes ("é✓" is 5 bytes); an escaped or non-string id is left to the caller's check."""
+    if not item_id.startswith((b'"', b"5")):
+        item_id = b'"' + item_id + b'"'
+    body = b'{"candidates": [{"item_id": "k", "features": {}}, {"item_id": ' + item_id + b', "features": {}}]}'
+    assert scan(body, max_id)[3] is checked
 
 
 def _cand(item: str = "a", **feats: Any) -> dict[str, Any]:
@@ -130,7 +150,7 @@ DECLINED = {  # bodies the scanner leaves to the other paths (valid or not: they
 @pytest.mark.parametrize("case", sorted(DECLINED))
 def test_declined_bodies_get_the_other_paths_answer(scan: Any, case: str) -> None:
     body = DECLINED[case]
-    assert scan(body) is None
+    assert scan(body, 256) is None
     _same(body)
 
 
@@ -144,6 +164,7 @@ TAKEN_BUT_REFUSED = {  # scanned (the structure is the usual one), then a value 
     "int at 2**63": [_cand(x=2**63)],
     "int beyond 2**64": [_cand(x=2**64 + 5)],
     "float at 2**63": [_cand(x=9.3e18)],
+    "float below -2**63 in a float column": [_cand(x=1.5), _cand("b", x=-9.3e18)],
     "float overflowing": [_cand(x=1.5)],  # the literal is replaced below
     "object value": [_cand(x={"y": 1})],
     "nested list": [_cand(x=[[1]])],
@@ -156,7 +177,7 @@ def test_values_breaking_a_rule_get_the_checked_paths_answer(scan: Any, case: st
     body = json.dumps({"candidates": TAKEN_BUT_REFUSED[case]}).encode()
     if case == "float overflowing":
         body = body.replace(b"1.5", b"1e400")
-    assert scan(body) is not None and rank_body._scanned(body) is None
+    assert scan(body, 256) is not None and rank_body._scanned(body) is None
     assert _same(body)[0] == "error"
 
 
@@ -165,7 +186,7 @@ def test_strings_the_json_decoder_judges(scan: Any, raw: bytes) -> None:
     """A lone surrogate escape, invalid UTF-8, an encoded surrogate, an escaped NUL, a surrogate pair: the scanner
     passes string values through; orjson then decodes or refuses them, and the answer is the checked path's."""
     body = b'{"candidates": [{"item_id": "a", "features": {"x": ' + raw + b'}}]}'
-    assert scan(body) is not None
+    assert scan(body, 256) is not None
     _same(body)
 
 
@@ -193,7 +214,7 @@ def test_fuzz_mutated_bodies_answer_as_the_checked_path(scan: Any) -> None:
         names = rng.sample(NAMES, rng.randrange(1, len(NAMES) + 1))
         body = _dumps(_doc(_usual(rng, rng.randrange(1, 6), names)), rng)
         for mutated in [body, *_mutations(rng, body, 60)]:
-            scan(mutated)  # never crashes, whatever the bytes
+            scan(mutated, 256)  # never crashes, whatever the bytes
             _same(mutated)
             bodies += 1
             scanned += rank_body._scanned(mutated) is not None
