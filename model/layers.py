@@ -71,9 +71,13 @@ class SplitInput(NamedTuple):
     request_dim: int
 
     def matmul(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ w (+ bias) for w [I, H], bias [H] -> [B, H]; the bias joins the request's product, at its batch."""
+        """x @ w (+ bias) for w [I, H], bias [H] -> [B, H]; the bias joins the request's product, at its batch.
+
+        ``addmm``, so the export is one ONNX ``Gemm`` whose addend C is the request's product (broadcast from
+        [Br, H]): ONNX Runtime adds it while it writes the product, and fuses a ReLU that follows (FusedGemm), where
+        a MatMul then an Add each make a pass over [B, H]."""
         r = self.request @ w[: self.request_dim]  # [Br, H]
-        return (r if bias is None else r + bias) + self.item @ w[self.request_dim :]  # [Br, H] + [B, H]
+        return torch.addmm(r if bias is None else r + bias, self.item, w[self.request_dim :])  # [Br, H] + [B, H]
 
     def cat(self) -> torch.Tensor:
         """The concatenated x [B, I] (request rows broadcast over the candidates)."""
@@ -127,14 +131,18 @@ class BatchedMLP(nn.Module):
     def forward(self, x: torch.Tensor | SplitInput) -> torch.Tensor:
         for i, (w, b, norm) in enumerate(zip(self.weights, self.biases, self.norms)):
             n, a, h = w.shape
+            activated = i < self.n_layers - 1 or self.last_activation
             if isinstance(x, SplitInput):  # shared input, split: two GEMMs against all n weight matrices
                 flat = w.permute(1, 0, 2).reshape(a, n * h)  # [I, n * H]
-                x = x.matmul(flat, b.reshape(n * h)).view(-1, n, h).transpose(0, 1)  # [n, B, H]
+                y = x.matmul(flat, b.reshape(n * h))  # [B, n * H]
+                if activated and isinstance(norm, nn.Identity):  # activation before the transpose (elementwise:
+                    y, activated = self.dropout(torch.relu(y)), False  # the same values), so Gemm and ReLU fuse
+                x = y.view(-1, n, h).transpose(0, 1)  # [n, B, H]
             elif x.dim() == 2:  # shared input [B, I]: one GEMM against all n weight matrices
                 x = (x @ w.permute(1, 0, 2).reshape(a, n * h)).view(-1, n, h).transpose(0, 1) + b  # [n, B, H]
             else:  # per-MLP input [n, B, I]
                 x = torch.bmm(x, w) + b  # [n, B, H]
-            if i < self.n_layers - 1 or self.last_activation:
+            if activated:
                 x = self.dropout(torch.relu(norm(x)))
         return x
 

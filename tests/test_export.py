@@ -96,7 +96,9 @@ def test_onnx_request_side_of_first_layer_runs_once(arch_bundle: tuple[Path, Pat
     every first-level consumer (bottom / experts, level-0 gates) multiplies the request part at [1, Ir], and
     no MatMul reads the broadcast request part [7, Ir] or the concatenated input [7, I]."""
     import onnxruntime as ort
+    import torch
 
+    from model.layers import Gate
     from model.train import load_run
 
     run, bundle = arch_bundle
@@ -116,11 +118,17 @@ def test_onnx_request_side_of_first_layer_runs_once(arch_bundle: tuple[Path, Pat
     sess = ort.InferenceSession(str(bundle / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     sess.run(None, feed)
     events = json.loads(Path(sess.end_profiling()).read_text())
-    a_shapes = [tuple(next(iter(e["args"]["input_type_shape"][0].values()))) for e in events
-                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-                and e["args"].get("op_name") in ("MatMul", "FusedMatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul")]
+    kernels = [(e["args"]["op_name"], tuple(next(iter(e["args"]["input_type_shape"][0].values())))) for e in events
+               if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    a_shapes = [shape for op, shape in kernels
+                if op in ("MatMul", "FusedMatMul", "Gemm", "FusedGemm", "MatMulInteger", "DynamicQuantizeMatMul")]
     assert a_shapes.count((1, ir)) == len(first), a_shapes
     assert (b, ir) not in a_shapes and (b, i_all) not in a_shapes, a_shapes
+    # the item part of an MLP's first layer: one Gemm adding the request's product, its ReLU fused (no batch norm
+    # between them); the gates' (softmax next) stay Gemm
+    mlps = [m for m in first if not isinstance(m, Gate)]
+    fused = 0 if any(not isinstance(norm, torch.nn.Identity) for m in mlps for norm in m.norms) else len(mlps)
+    assert [op for op, shape in kernels if shape == (b, i_all - ir)].count("FusedGemm") == fused, kernels
 
 
 def _copy_bundle(src: Path, dst: Path) -> Path:
