@@ -60,7 +60,7 @@ START, END = "<!-- model-speed:start -->", "<!-- model-speed:end -->"
 FORMS, DTYPES = ("split", "concat"), ("fp32", "int8")
 GEMM_N = 8 * 256  # the MMoE experts' first layer: 8 experts of 256
 TITLES = {"mmoe": "MMoE", "ple": "PLE"}
-MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
               "QGemm", "Einsum"}
 
 

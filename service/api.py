@@ -205,6 +205,8 @@ async def rank_items(request: Request, svc: ServicesDep, model: ModelDep) -> Res
                                                 req.top_k, arm, request_id)
     for stage, seconds in ranked.scored.timings.items():
         svc.metrics.stage.labels(stage).observe(seconds)
+    for stage, seconds in ranked.scored.cpu.items():
+        svc.metrics.stage_cpu.labels(stage).inc(seconds)
     if logged == "reused" and req.request_id is not None:
         return _request_id_reused(request_id)
     body = response_json({**base, "degraded": store.degraded}, item_ids, ranked, model.task_names, req.raw_scores,
@@ -219,13 +221,13 @@ def _rank_observed(svc: Services, model: Model, inp: RankInput, store: StoreResu
     request id as already used (the request is then answered 409, nothing of it counted)."""
     ranked = rank(model, inp, store, fusion, top_k, svc.settings.limits.unknown_features == "reject")
     sc = ranked.scored
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     logged = svc.joins.put(request_id, model.version, arm, inp.item_ids, model.task_names, sc.raw, sc.calibrated)
-    t1 = time.perf_counter()
-    sc.timings["log"] = t1 - t0
+    t1, c1 = time.perf_counter(), time.thread_time()
+    sc.timings["log"], sc.cpu["log"] = t1 - t0, c1 - c0
     if logged != "reused":
         svc.obs.observe(model, sc, len(inp.item_ids), arm, len(ranked.order))
-        sc.timings["observe"] = time.perf_counter() - t1
+        sc.timings["observe"], sc.cpu["observe"] = time.perf_counter() - t1, time.thread_time() - c1
     return ranked, logged
 
 

@@ -131,14 +131,16 @@ class EmbeddedFeatureStore:
             (self.metrics.fs_hits if user is not EMPTY else self.metrics.fs_misses).labels("user").inc()
         items: Sequence[Row] = ()
         if need_items and item_ids:
-            get = self.items.get
-            rows = [get(i, EMPTY) for i in item_ids]  # [n]
-            hits = len(rows) - rows.count(EMPTY)  # list.count tries identity first: cheap
+            hits = 0
+            if self.items:  # no item rows at all (none loaded): no lookups
+                get = self.items.get
+                rows = [get(i, EMPTY) for i in item_ids]  # [n]
+                hits = len(rows) - rows.count(EMPTY)  # list.count tries identity first: cheap
             if hits:
                 self.metrics.fs_hits.labels("item").inc(hits)
                 items = rows
-            if len(rows) - hits:
-                self.metrics.fs_misses.labels("item").inc(len(rows) - hits)
+            if len(item_ids) - hits:
+                self.metrics.fs_misses.labels("item").inc(len(item_ids) - hits)
         return StoreResult(user, items)
 
 

@@ -109,7 +109,8 @@ class Scored:
     raw: dict[str, np.ndarray]  # task -> float32 [n], straight from the graph
     calibrated: dict[str, np.ndarray]  # task -> float32 [n]
     gates: dict[str, np.ndarray]  # gate output -> float32 [n, m] (empty when not fetched)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
+    cpu: dict[str, float] = field(default_factory=dict)  # stage -> CPU seconds of the thread that ran it
 
 
 def _is_number(v: Any) -> bool:
@@ -334,12 +335,13 @@ class Model:
         return {t: (self.calibration[t].apply(p) if t in self.calibration else p) for t, p in raw.items()}
 
     def score(self, inp: RankInput, store: StoreResult, reject_unknown: bool = False) -> Scored:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         inputs = self.encode(inp, store, reject_unknown)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         raw, gates = self.infer(inputs)
-        t2 = time.perf_counter()
-        return Scored(raw, self.calibrate(raw), gates, {"features": t1 - t0, "inference": t2 - t1})
+        t2, c2 = time.perf_counter(), time.thread_time()
+        return Scored(raw, self.calibrate(raw), gates, {"features": t1 - t0, "inference": t2 - t1},
+                      {"features": c1 - c0, "inference": c2 - c1})
 
 
 @dataclass

@@ -461,6 +461,10 @@ def test_ops_endpoints_and_openapi(served, client: httpx.Client) -> None:
         assert name in text, name
     assert metric(text, "mtrank_model_info", version="api-v1") == 1
     assert metric(text, "mtrank_model_reloads_total", result="success", trigger="startup") == 1
+    for stage in ("features", "inference", "log", "observe"):  # the inference thread's CPU per stage, within its wall
+        cpu, wall = (metric(text, "mtrank_rank_stage_cpu_seconds_total", stage=stage),
+                     metric(text, "mtrank_rank_stage_seconds_sum", stage=stage))
+        assert 0 < cpu <= wall + 1e-4, (stage, cpu, wall)
 
 
 def test_admin_auth(tmp_path: Path, make_bundle, start_server) -> None:

@@ -49,6 +49,10 @@ def test_embedded_snapshot_csv_and_parquet(tmp_path: Path) -> None:
     assert sample(m, "mtrank_feature_store_hits_total", side="user") == 1
     none = asyncio.run(store.fetch("u2", ["nope", "nada"], False, True))  # no row for any candidate: no rows at all
     assert none.items == () and sample(m, "mtrank_feature_store_misses_total", side="item") == 3
+    empty_m = Metrics()  # a store with no item rows: every candidate a miss, no rows
+    empty = asyncio.run(EmbeddedFeatureStore(empty_m, users={"u2": {"x": 1}}).fetch("u2", ["i1", "i2"], True, True))
+    assert empty.items == () and empty.user == {"x": 1}
+    assert sample(empty_m, "mtrank_feature_store_misses_total", side="item") == 2
 
 
 def test_ttl_cache_expiry_and_bound() -> None:
