@@ -10,8 +10,9 @@ candidates in one pass over the bytes with the GIL released, an integer column s
 object per value, and checks the item ids when they are plain strings of 1-256 characters; the names and the other
 columns come back as JSON text, which ``orjson`` decodes: a column of float literals only into float64 with its range
 checked, any other held to the rules by the fast path's column checks (step 3 below); ``orjson`` parses the rest of
-the body (the options). The scanner answers "not my case" rather than "invalid", so any body it does not take goes on to the fast
-path, and so does every body when the extension is missing (the package was built with no C compiler).
+the body (the options). The scanner answers "not my case" rather than "invalid", so any body it does not take goes
+on to the fast path, and so does every body when the extension is missing (the package was built with no C
+compiler).
 
 Any other valid body takes the **fast path**:
 
@@ -113,8 +114,9 @@ def parse_rank(body: bytes, content_type: str | None) -> RankBody:
 
 def _scanned(body: bytes) -> RankBody | None:
     """The body through ``service._rankjson``, or None when the scanner does not take it or anything needs the other
-    paths' verdict: the scanner checks the structure and reads integer columns; the item ids, names and other
-    columns it hands back as JSON text, decoded here and held to the fast path's rules."""
+    paths' verdict: the scanner checks the structure, reads integer columns and vouches for plain item ids; the item
+    ids, names and other columns it hands back as JSON text, decoded here (float columns straight to float64) and
+    held to the fast path's rules."""
     got = rankjson.scan(body, MAX_ID)
     if got is None:
         return None
