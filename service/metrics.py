@@ -6,10 +6,10 @@ does for ``workers > 1``): every worker writes its values to files in that direc
 aggregates all workers with ``MultiProcessCollector``, whichever worker answers the scrape. The
 model-info gauge uses ``livemax`` so the versions of live workers are reported.
 
-Names (see docs/service.md for the full list and labels):
+Names (see docs/metrics.md for the full list, labels and PromQL):
 ``mtrank_http_requests_total``, ``mtrank_http_request_duration_seconds``, ``mtrank_rank_candidates``,
-``mtrank_rank_stage_seconds``, ``mtrank_rank_stage_cpu_seconds_total``, ``mtrank_model_info``, ``mtrank_model_reloads_total``,
-``mtrank_feature_store_hits_total``, ``mtrank_feature_store_misses_total``,
+``mtrank_rank_stage_seconds``, ``mtrank_rank_stage_cpu_seconds_total``, ``mtrank_model_info``,
+``mtrank_model_reloads_total``, ``mtrank_feature_store_hits_total``, ``mtrank_feature_store_misses_total``,
 ``mtrank_feature_store_errors_total``, ``mtrank_feature_store_timeouts_total``,
 ``mtrank_feature_store_cache_hits_total``, ``mtrank_feedback_events_total``, ``mtrank_feedback_log_records_total``,
 ``mtrank_feedback_log_errors_total``, ``mtrank_fusion_requests_total``.
@@ -56,8 +56,8 @@ class Metrics:
                                     buckets=CANDIDATE_BUCKETS, registry=r)
         self.stage = Histogram("mtrank_rank_stage_seconds", "Time per /rank stage (features, inference, observe)",
                                ["stage"], buckets=LATENCY_BUCKETS, registry=r)
-        self.stage_cpu = Counter("mtrank_rank_stage_cpu_seconds", "CPU time of the thread running each /rank stage",
-                                 ["stage"], registry=r)
+        self.stage_cpu = Counter("mtrank_rank_stage_cpu_seconds_total",
+                                 "CPU time of the thread running each /rank stage", ["stage"], registry=r)
         self.model_info = Gauge("mtrank_model_info", "1 for the model version this process serves",
                                 ["version", "arch"], multiprocess_mode="livemax", registry=r)
         self.reloads = Counter("mtrank_model_reloads_total", "Bundle loads by result and trigger",
