@@ -395,70 +395,56 @@ def to_float(values: Sequence[Any] | np.ndarray) -> np.ndarray:
     return out
 
 
-def transform_numeric(f: FittedFeature, raw: np.ndarray) -> np.ndarray:
-    """float64 raw [n] (NaN = missing) -> transformed float64 [n] (default filled in, then the transform)."""
-    x = np.where(np.isfinite(raw), raw, f.default)
-    return np.sign(x) * np.log1p(np.abs(x)) if f.transform == "log1p" else x
-
-
-def encode_numeric(f: FittedFeature, raw: np.ndarray) -> np.ndarray:
-    """float64 raw [n] (NaN = missing) -> float32 [n, f.width].
-
-    Column 0 is the standardised value (clipped to +-``clip`` unless it is None). With bin edges
-    b_0 < ... < b_K, columns 1..K are the piecewise-linear encoding (Gorishniy et al., NeurIPS 2022):
-    bin k is 0 below b_{k-1}, 1 above b_k, and (x - b_{k-1}) / (b_k - b_{k-1}) inside.
-    """
-    x = transform_numeric(f, raw)
-    z = (x - f.mean) / f.std
-    if f.clip is not None:
-        z = np.clip(z, -f.clip, f.clip)
-    if len(f.edges) < 2:
-        return z.astype(np.float32)[:, None]
-    e = np.asarray(f.edges, dtype=np.float64)
-    pl = np.clip((x[:, None] - e[:-1]) / (e[1:] - e[:-1]), 0.0, 1.0)  # [n, K]
-    out = np.empty((len(x), f.width), dtype=np.float32)
-    out[:, 0] = z
-    out[:, 1:] = pl
-    return out
-
-
 @dataclass(frozen=True)
-class _ScalarPlan:
-    """A group's numeric features without bin edges (one dense column each), encoded together: ``encode_numeric``
-    as [F, n] array operations with the features' constants as [F, 1] columns (the same float64 operations in the
-    same order per value, so the same results), instead of a few numpy calls per feature."""
+class NumericPlan:
+    """A group's numeric features, encoded together into the group's dense block float32 [n, D].
+
+    Per feature, raw float64 values (NaN = missing) take the feature's default where missing or non-finite, then its
+    transform (``log1p``: sign(x) * log(1 + |x|)). Its first column is the standardised value (x - mean) / std,
+    clipped to +-``clip`` unless that is None. With bin edges b_0 < ... < b_K its next K columns are the
+    piecewise-linear encoding (Gorishniy et al., NeurIPS 2022): bin k is 0 below b_{k-1}, 1 above b_k, and
+    (x - b_{k-1}) / (b_k - b_{k-1}) inside. The features are computed as [F, n] arrays with their constants as
+    [F, 1] columns: a few numpy calls per group, not per feature.
+    """
 
     features: list[FittedFeature]
-    columns: np.ndarray  # int64 [F]: each feature's column in the group's dense block
+    columns: np.ndarray  # int64 [F]: each feature's first (standardised) column in the dense block
+    width: int  # D, the block's columns
     default: np.ndarray  # float64 [F, 1]
     log1p: np.ndarray  # bool [F, 1]
     mean: np.ndarray  # float64 [F, 1]
     std: np.ndarray  # float64 [F, 1]
     clip: np.ndarray  # float64 [F, 1]; inf where the feature is unclipped
+    bins: list[tuple[int, int, np.ndarray]]  # (feature index, its first bin column, edges float64 [K + 1])
 
     @classmethod
-    def of(cls, dense: list[FittedFeature]) -> _ScalarPlan:
-        feats, cols, col = [], [], 0
-        for f in dense:
-            if len(f.edges) < 2:
-                feats.append(f)
-                cols.append(col)
+    def of(cls, features: list[FittedFeature]) -> NumericPlan:
+        cols, bins, col = [], [], 0
+        for k, f in enumerate(features):
+            cols.append(col)
+            if len(f.edges) >= 2:
+                bins.append((k, col + 1, np.asarray(f.edges, dtype=np.float64)))
             col += f.width
         column = lambda values, dtype=np.float64: np.array(values, dtype=dtype).reshape(-1, 1)  # noqa: E731
-        return cls(feats, np.array(cols, dtype=np.int64), column([f.default for f in feats]),
-                   column([f.transform == "log1p" for f in feats], bool), column([f.mean for f in feats]),
-                   column([f.std for f in feats]), column([np.inf if f.clip is None else f.clip for f in feats]))
+        return cls(features, np.array(cols, dtype=np.int64), col, column([f.default for f in features]),
+                   column([f.transform == "log1p" for f in features], bool), column([f.mean for f in features]),
+                   column([f.std for f in features]),
+                   column([np.inf if f.clip is None else f.clip for f in features]), bins)
 
     def encode(self, columns: Mapping[str, Any], n: int) -> np.ndarray:
-        """columns: feature name -> raw values [n] -> float32 [n, F] (the features' standardised values)."""
-        raw = np.empty((len(self.features), n), dtype=np.float64)
+        """columns: feature name -> raw values [n] (``to_float``; an absent feature is all missing) -> float32 [n, D]."""
+        raw = np.empty((len(self.features), n), dtype=np.float64)  # [F, n]
         for k, f in enumerate(self.features):
             vals = columns.get(f.name)
             raw[k] = np.nan if vals is None else to_float(vals)
         x = np.where(np.isfinite(raw), raw, self.default)
         if self.log1p.any():
             x = np.where(self.log1p, np.sign(x) * np.log1p(np.abs(x)), x)
-        return np.clip((x - self.mean) / self.std, -self.clip, self.clip).astype(np.float32).T
+        dense = np.empty((n, self.width), dtype=np.float32)
+        dense[:, self.columns] = np.clip((x - self.mean) / self.std, -self.clip, self.clip).T
+        for k, col, e in self.bins:
+            dense[:, col : col + len(e) - 1] = np.clip((x[k][:, None] - e[:-1]) / (e[1:] - e[:-1]), 0.0, 1.0)
+        return dense
 
 
 def _column(columns: Mapping[str, Any], name: str, n: int) -> Any:
@@ -474,10 +460,9 @@ class FeatureEncoder:
         self.schema = schema
         self._vocab = {f.name: vocab_index(f) for f in schema.features if f.encoding == "vocab"}
         self._hashed = {group: self._hashed_plan(group) for group in SIDES}
-        # per group: id features, id slots, numeric features, dense columns (the schema is frozen: computed once)
-        self._layout = {group: (schema.id_features(group), schema.n_slots(group), schema.dense_features(group),
-                                schema.n_dense(group)) for group in SIDES}
-        self._scalar = {group: _ScalarPlan.of(schema.dense_features(group)) for group in SIDES}
+        # per group: id features and id slots; the numeric features' plan (the schema is frozen: computed once)
+        self._layout = {group: (schema.id_features(group), schema.n_slots(group)) for group in SIDES}
+        self._numeric = {group: NumericPlan.of(schema.dense_features(group)) for group in SIDES}
 
     def _hashed_plan(self, group: Group) -> tuple[list[FittedFeature], list[int], np.ndarray, np.ndarray]:
         """The group's hashed categorical features, their id slots, buckets uint64 [F, 1] and row offsets int64 [F, 1]."""
@@ -496,7 +481,7 @@ class FeatureEncoder:
         Returns ``{"<group>_ids": int64 [n, S], "<group>_dense": float32 [n, D]}`` (empty parts omitted).
         """
         out: dict[str, np.ndarray] = {}
-        id_feats, n_slots, dense_feats, n_dense = self._layout[group]
+        id_feats, n_slots = self._layout[group]
         if id_feats:
             ids = np.empty((n, n_slots), dtype=np.int64)
             hashed, slots, buckets, offsets = self._hashed[group]
@@ -513,19 +498,9 @@ class FeatureEncoder:
                     ids[:, col : col + f.max_len] = encode_multi(f, _column(columns, f.name, n))
                 col += f.n_slots
             out[f"{group}_ids"] = ids
-        if dense_feats:
-            dense = np.empty((n, n_dense), dtype=np.float32)
-            scalar = self._scalar[group]
-            if scalar.features:  # every feature without bin edges at once
-                dense[:, scalar.columns] = scalar.encode(columns, n)
-            col = 0
-            for f in dense_feats:  # features with piecewise-linear bins, one by one
-                if len(f.edges) >= 2:
-                    vals = columns.get(f.name)
-                    raw = np.full(n, np.nan) if vals is None else to_float(vals)
-                    dense[:, col : col + f.width] = encode_numeric(f, raw)
-                col += f.width
-            out[f"{group}_dense"] = dense
+        numeric = self._numeric[group]
+        if numeric.features:
+            out[f"{group}_dense"] = numeric.encode(columns, n)
         return out
 
     def encode_all(self, columns: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -12,7 +13,6 @@ from mtrank.encoding import (
     FittedFeature,
     FittedSchema,
     canonical_strings,
-    encode_numeric,
     fnv1a64,
     fnv1a64_decimal,
     hash_columns,
@@ -147,30 +147,47 @@ def test_piecewise_linear_numeric_columns() -> None:
     np.testing.assert_allclose(dense[:, 1:], [[0, 0, 0], [0.5, 0, 0], [1, 0, 0], [1, 1, 0.5], [1, 1, 1], [0, 0, 0]])
 
 
-def test_numeric_features_encoded_together_match_each_feature_encoded_alone() -> None:
-    """The encoder takes a group's features without bin edges in one pass (``_ScalarPlan``); every column must be
-    bit for bit what ``encode_numeric`` gives the feature alone: transforms, clips (and none), defaults for missing,
-    non-finite and non-numeric values, beside a binned feature and an absent one."""
+def _numeric_reference(f: FittedFeature, raw: np.ndarray) -> np.ndarray:
+    """The documented contract of one numeric feature's columns (``NumericPlan``), value by value in Python."""
+    rows = []
+    for v in raw.tolist():
+        x = v if math.isfinite(v) else f.default
+        if f.transform == "log1p":
+            x = math.copysign(math.log1p(abs(x)), x) if x else 0.0
+        z = (x - f.mean) / f.std
+        row = [z if f.clip is None else min(max(z, -f.clip), f.clip)]
+        e = f.edges
+        row += [min(max((x - lo) / (hi - lo), 0.0), 1.0) for lo, hi in zip(e[:-1], e[1:])]
+        rows.append(row)
+    return np.array(rows, dtype=np.float32)
+
+
+def test_numeric_features_are_encoded_together_as_each_alone_by_the_contract() -> None:
+    """The encoder takes a group's numeric features in one pass (``NumericPlan``); every column must be what the
+    contract gives the feature alone: transforms, clips (and none), defaults for missing, non-finite and non-numeric
+    values, bins, an absent feature."""
     rng = np.random.default_rng(0)
     num = lambda name, **kw: FittedFeature(name=name, kind="numeric", side="item", source=name, **kw)  # noqa: E731
     feats = (num("a", transform="log1p", mean=1.5, std=0.7, default=2.0, clip=3.0),
              num("b", mean=-4.0, std=13.0, default=0.0, clip=None),
              num("binned", mean=10.0, std=5.0, edges=[0.0, 10.0, 20.0]),
              num("c", transform="log1p", mean=0.0, std=1e-3, default=-1.0, clip=5.0),
+             num("logbins", transform="log1p", mean=1.0, std=2.0, clip=None, edges=[-1.0, 0.0, 0.5, 3.0]),
              num("absent", mean=1.0, std=2.0, default=7.0))
     schema = FittedSchema(features=feats, table_size=1)
     n = 257
     values = {"a": rng.lognormal(0, 3, n) * rng.choice([-1, 1], n), "b": rng.normal(0, 1e6, n),
-              "binned": rng.uniform(-5, 25, n)}
+              "binned": rng.uniform(-5, 25, n), "logbins": rng.normal(0, 10, n)}
     values["a"][:5] = [np.nan, np.inf, -np.inf, 0.0, -0.0]
     values["c"] = [None, "12", "x", True, 1e300, -3, 0.5] * 36 + [2.0] * 5
     dense = FeatureEncoder(schema).encode("item", values, n)["item_dense"]
     col = 0
     for f in feats:
         raw = to_float(values[f.name]) if f.name in values else np.full(n, np.nan)
-        np.testing.assert_array_equal(dense[:, col : col + f.width], encode_numeric(f, raw), err_msg=f.name)
+        np.testing.assert_allclose(dense[:, col : col + f.width], _numeric_reference(f, raw), rtol=1e-6, atol=1e-6,
+                                   err_msg=f.name)
         col += f.width
-    assert col == dense.shape[1] == 7
+    assert col == dense.shape[1] == 11
 
 
 def test_piecewise_linear_edges_follow_distinct_values() -> None:
