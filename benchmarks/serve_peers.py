@@ -430,7 +430,7 @@ def measure(v: Variant, server: Server, n: int, r: int, paths: Paths, args: argp
     res = drive(server, n, paths, args, f"{v.cfg.key}-{n}-{r}", v.columns)
     if inside:
         stages = stage_totals(server.port)
-        res["stages"] = {st: [v - v0 for v, v0 in zip(now, stages0.get(st, [0.0] * len(now)))]
+        res["stages"] = {st: [x - x0 for x, x0 in zip(now, stages0.get(st, [0.0] * len(now)))]
                          for st, now in stages.items()}
         res["thread_cpu_s"], res["process_cpu_s"] = role_cpu(threads0, thread_cpu(pid)), cpu_seconds(pid) - cpu0
     res.update(config=v.cfg.key, n=n, round=r)
