@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import os
 import random
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -46,7 +45,7 @@ from service.schemas import (
     ShadowRequest,
     ShadowResponse,
 )
-from service.scorer import InputError, Model, Ranked, RankInput, rank
+from service.scorer import InputError, Model, Ranked, RankInput, clock, rank
 from service.settings import Settings
 from service.shadow import Shadow
 
@@ -221,13 +220,13 @@ def _rank_observed(svc: Services, model: Model, inp: RankInput, store: StoreResu
     request id as already used (the request is then answered 409, nothing of it counted)."""
     ranked = rank(model, inp, store, fusion, top_k, svc.settings.limits.unknown_features == "reject")
     sc = ranked.scored
-    t0, c0 = time.perf_counter(), time.thread_time()
+    t0 = clock()
     logged = svc.joins.put(request_id, model.version, arm, inp.item_ids, model.task_names, sc.raw, sc.calibrated)
-    t1, c1 = time.perf_counter(), time.thread_time()
-    sc.timings["log"], sc.cpu["log"] = t1 - t0, c1 - c0
+    t1 = clock()
+    sc.record("log", t0, t1)
     if logged != "reused":
         svc.obs.observe(model, sc, len(inp.item_ids), arm, len(ranked.order))
-        sc.timings["observe"], sc.cpu["observe"] = time.perf_counter() - t1, time.thread_time() - c1
+        sc.record("observe", t1, clock())
     return ranked, logged
 
 

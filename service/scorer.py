@@ -112,6 +112,15 @@ class Scored:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
     cpu: dict[str, float] = field(default_factory=dict)  # stage -> CPU seconds of the thread that ran it
 
+    def record(self, stage: str, start: tuple[float, float], end: tuple[float, float]) -> None:
+        """A stage's wall and CPU seconds from two ``clock()`` readings taken on the thread that ran it."""
+        self.timings[stage], self.cpu[stage] = end[0] - start[0], end[1] - start[1]
+
+
+def clock() -> tuple[float, float]:
+    """(wall, this thread's CPU) seconds now; a stage costs the difference of two readings (``Scored.record``)."""
+    return time.perf_counter(), time.thread_time()
+
 
 def _is_number(v: Any) -> bool:
     """Missing (None), or a value ``mtrank.encoding.numeric_value`` takes (the one numeric-feature rule)."""
@@ -335,13 +344,15 @@ class Model:
         return {t: (self.calibration[t].apply(p) if t in self.calibration else p) for t, p in raw.items()}
 
     def score(self, inp: RankInput, store: StoreResult, reject_unknown: bool = False) -> Scored:
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0 = clock()
         inputs = self.encode(inp, store, reject_unknown)
-        t1, c1 = time.perf_counter(), time.thread_time()
+        t1 = clock()
         raw, gates = self.infer(inputs)
-        t2, c2 = time.perf_counter(), time.thread_time()
-        return Scored(raw, self.calibrate(raw), gates, {"features": t1 - t0, "inference": t2 - t1},
-                      {"features": c1 - c0, "inference": c2 - c1})
+        t2 = clock()
+        scored = Scored(raw, self.calibrate(raw), gates)
+        scored.record("features", t0, t1)
+        scored.record("inference", t1, t2)
+        return scored
 
 
 @dataclass
