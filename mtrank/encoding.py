@@ -384,10 +384,11 @@ def numeric_value(v: Any) -> float | None:
 def to_float(values: Sequence[Any] | np.ndarray) -> np.ndarray:
     """Raw numeric values -> float64 [n], NaN for missing (None, "") and for values ``numeric_value``
     refuses (so strings follow the service's rule; numeric arrays, what the trainer passes after
-    ``pandas.to_numeric``, are converted as they are and non-finite values become the default later)."""
+    ``pandas.to_numeric``, are converted as they are and non-finite values become the default later). A float64
+    array comes back itself, not a copy."""
     arr = np.asarray(values)
     if arr.dtype.kind in "fiub":
-        return arr.astype(np.float64)
+        return arr.astype(np.float64, copy=False)
     out = np.empty(len(arr), dtype=np.float64)
     for i, v in enumerate(arr.tolist()):
         x = None if v is None else numeric_value(v)

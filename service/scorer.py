@@ -276,7 +276,7 @@ class Model:
             name = f.name
             given = inp.item_ids if name == "item_id" else inp.column(name)  # the request's ids feed an item_id feature
             if isinstance(given, np.ndarray):  # an int64 or float64 column from the parser: every candidate's, checked
-                cols[name] = given.astype(np.float64) if f.kind == "numeric" else \
+                cols[name] = given.astype(np.float64, copy=False) if f.kind == "numeric" else \
                     given if f.kind == "categorical" else given.tolist()
                 continue
             if given is None:
