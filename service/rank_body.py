@@ -193,11 +193,17 @@ def _fast_columns(options: RankOptions, cands: dict[str, Any]) -> RankBody | Non
 _INTS, _FLOATS = ord("i"), ord("f")  # service._rankjson's column kinds
 
 
+def _within_int64(lowest: float, highest: float) -> bool:
+    """The fast paths' bound on a column's numbers: all within (-2**63, 2**63); anything else (-2**63 itself
+    included) is left to the checked path."""
+    return -_I64 < lowest and highest < _I64
+
+
 def _float_column(values: list[float]) -> np.ndarray | None:
     """A column the scanner found to hold float literals only (orjson gives finite floats only) as float64 [n];
     None when a value is outside (-2**63, 2**63), which ``_checked_column`` leaves to the checked path too."""
     col = np.array(values, dtype=np.float64)
-    return col if -_I64 < col.min() and col.max() < _I64 else None
+    return col if _within_int64(col.min(), col.max()) else None
 
 
 def _valid_ids(ids: list[Any]) -> bool:
@@ -243,7 +249,7 @@ def _checked_column(col: list[Any]) -> list[Any] | np.ndarray | None:
         numbers = values if types <= _NUMBERS else [v for v in values if type(v) is int or type(v) is float]  # bools: 0, 1
         # orjson gives finite floats only (it refuses NaN, Infinity and overflowing literals); strict at -2**63:
         # orjson turns a smaller integer into the float -2**63 (the checked path decides that value)
-        if numbers and not (-_I64 < min(numbers) and max(numbers) < _I64):
+        if numbers and not _within_int64(min(numbers), max(numbers)):
             return None
     return col
 
