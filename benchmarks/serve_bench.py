@@ -677,19 +677,35 @@ def loadgen_main(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------------- report
 
 
+INT8_DOT = (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"))
+
+
+def int8_isa(flags: set[str]) -> str:
+    """The CPU's int8 dot-product instructions (what ONNX Runtime's int8 GEMMs run fastest on), from /proc/cpuinfo
+    flags: e.g. "AVX512-VNNI", or "AVX2, no VNNI" where int8 products go through 16-bit multiply-adds."""
+    dot = [name for flag, name in INT8_DOT if flag in flags]
+    if dot:
+        return ", ".join(dot)
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{simd}, no VNNI" if flags else "CPU flags unknown"
+
+
 def machine_note() -> dict[str, Any]:
     import numpy
     import onnxruntime
 
-    cpu = "unknown CPU"
+    cpu, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            if cpu != "unknown CPU" and flags:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": numpy.__version__,
+    return {"cpu": cpu, "int8_isa": int8_isa(flags), "cores": os.cpu_count(), "python": platform.python_version(), "numpy": numpy.__version__,
             "onnxruntime": onnxruntime.__version__, "platform": platform.platform(), "loadavg_start": os.getloadavg()}
 
 
