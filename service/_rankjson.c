@@ -1,11 +1,13 @@
 /* service._rankjson: the /rank JSON in C, both ways: the list form's candidates scanned from the body's bytes into
  * columns, and the response's items spliced from JSON arrays.
  *
- * scan(body, max_id) -> None | (start, end, item_ids, ids_checked, names, columns, kinds)
+ * scan(body, max_id) -> None | (start, end, item_ids, ids_checked, names, columns, kinds, columnar)
  *
- * The body is a JSON object whose "candidates" value is an array of objects {"item_id": ..., "features":
- * {name: value}}. When every candidate sends the same feature names in the same order (the usual body), the
- * candidates are read in one pass with no Python object per candidate or per value:
+ * The body is a JSON object whose "candidates" value is either an array of objects {"item_id": ..., "features":
+ * {name: value}} (the list form) or one object {"item_id": [...], "features": {name: [...]}} (the column form,
+ * columnar True). When every candidate of the list form sends the same feature names in the same order (the usual
+ * body), or every column of the column form is as long as the item ids, the candidates are read in one pass with no
+ * Python object per candidate or per value:
  *
  *   start, end  the byte span of the "candidates" value (the caller parses the rest of the body: a few options);
  *   item_ids    bytes: a JSON array of the candidates' item_id values, as written in the body;
@@ -22,9 +24,10 @@
  * which their decoder checks); the values' types and limits are not: the caller decodes the arrays (orjson) and
  * holds them to its rules. None means "not this scanner's case", never "invalid": the caller then takes its general
  * path, which gives the verdict. None comes for invalid JSON, no candidates, an escaped top-level key or candidate
- * key, a candidate key other than item_id and features or one of them missing or repeated, a candidate whose
- * feature names are not exactly the first candidate's in the same order (raw bytes compared), a name repeated
- * (raw bytes), an escaped name, nesting deeper than MAX_DEPTH.
+ * key, a candidate key (the column form: a key of the candidates object) other than item_id and features or one of
+ * them missing or repeated, a candidate whose feature names are not exactly the first candidate's in the same order
+ * (raw bytes compared), a feature column that is not an array or not as long as the item ids, a name repeated (raw
+ * bytes), an escaped name, nesting deeper than MAX_DEPTH.
  *
  * The pass touches no Python object and runs with the GIL released (the inference threads run meanwhile); the
  * result is built after it.
@@ -228,6 +231,7 @@ typedef struct {
     Span *values;
     int64_t *ints;
     int all_int, all_float;
+    Py_ssize_t cap, count; /* room in values and ints; values read (the column form: each column counts its own) */
 } Column;
 
 typedef struct {
@@ -237,6 +241,7 @@ typedef struct {
     Py_ssize_t n, cap_n; /* candidates read; capacity of ids and of every column's arrays */
     Py_ssize_t max_id;   /* the longest item_id (characters) that ids_checked vouches for */
     int ids_checked;     /* every item_id so far a string without escapes of 1 to max_id characters */
+    int columnar;        /* the candidates came as columns (an object), not as a list of objects */
 } Scan;
 
 static void scan_free(Scan *sc) {
@@ -257,25 +262,33 @@ static int resize(Column *col, Py_ssize_t cap) {
     if (ints == NULL)
         return 0;
     col->ints = ints;
+    col->cap = cap;
     return 1;
 }
 
-/* Room for candidate sc->n in ids and every column. 0 when out of memory. */
-static int grow(Scan *sc) {
+/* Room for item id sc->n. 0 when out of memory. */
+static int grow_ids(Scan *sc) {
     if (sc->n < sc->cap_n)
         return 1;
     Py_ssize_t cap = sc->cap_n ? 2 * sc->cap_n : 64;
     Span *ids = PyMem_RawRealloc(sc->ids, (size_t)cap * sizeof(Span));
     if (ids == NULL)
-        goto nomem;
+        return 0;
     sc->ids = ids;
-    for (Py_ssize_t j = 0; j < sc->ncols; j++)
-        if (!resize(&sc->cols[j], cap))
-            goto nomem;
     sc->cap_n = cap;
     return 1;
-nomem:
-    return 0;
+}
+
+/* Room for candidate sc->n in ids and every column (the list form). 0 when out of memory. */
+static int grow(Scan *sc) {
+    if (sc->n < sc->cap_n)
+        return 1;
+    if (!grow_ids(sc))
+        return 0;
+    for (Py_ssize_t j = 0; j < sc->ncols; j++)
+        if (!resize(&sc->cols[j], sc->cap_n))
+            return 0;
+    return 1;
 }
 
 /* Any JSON value at c->p, its span into *out (whitespace skipped first). 0 on a syntax error. */
@@ -288,9 +301,8 @@ static int value_span(Cur *c, Span *out, int depth) {
     return 1;
 }
 
-/* One feature value of candidate sc->n into `col`. 0 on a syntax error. */
-static int scan_value(Scan *sc, Cur *c, Column *col) {
-    Py_ssize_t k = sc->n;
+/* One feature value of candidate k into `col` (room for it made). 0 on a syntax error. */
+static int scan_value(Cur *c, Column *col, Py_ssize_t k) {
     skip_ws(c);
     if (c->p < c->end && (*c->p == '-' || is_digit(*c->p))) {
         Span *v = &col->values[k];
@@ -320,7 +332,7 @@ static int add_name(Scan *sc, const char *s, Py_ssize_t len) {
         sc->cap_cols = cap;
     }
     Column *col = &sc->cols[sc->ncols++];
-    *col = (Column){{s, len}, NULL, NULL, 1, 1};
+    *col = (Column){{s, len}, NULL, NULL, 1, 1, 0, 0};
     if (!resize(col, sc->cap_n))
         return -1;
     return 1;
@@ -364,7 +376,7 @@ static int scan_features(Scan *sc, Cur *c) {
             if (!expect(c, ':'))
                 return 0;
         }
-        if (!scan_value(sc, c, &sc->cols[j]))
+        if (!scan_value(c, &sc->cols[j], sc->n))
             return 0;
         j++;
     } while (expect(c, ','));
@@ -436,6 +448,82 @@ static int scan_candidates(Scan *sc, Cur *c) {
     return expect(c, ']');
 }
 
+/* The column form's item_id array: every id into sc->ids (sc->n counts them). 1 taken, 0 not this scanner's case, -1
+ * out of memory. */
+static int scan_id_column(Scan *sc, Cur *c) {
+    if (!expect(c, '[') || expect(c, ']'))
+        return 0; /* no candidates: the general path answers */
+    do {
+        if (!grow_ids(sc))
+            return -1;
+        if (!scan_id(sc, c, &sc->ids[sc->n]))
+            return 0;
+        sc->n++;
+    } while (expect(c, ','));
+    return expect(c, ']');
+}
+
+/* The column form's features object: each name's array of values into a column of its own. 1 taken, 0 not this
+ * scanner's case, -1 out of memory. */
+static int scan_feature_columns(Scan *sc, Cur *c) {
+    Span key;
+    int r;
+    if (!expect(c, '{'))
+        return 0;
+    if (expect(c, '}'))
+        return 1;
+    do {
+        if (!scan_key(c, &key) || (r = add_name(sc, key.s, key.len)) != 1)
+            return r == -1 ? -1 : 0;
+        Column *col = &sc->cols[sc->ncols - 1];
+        if (!expect(c, '['))
+            return 0;
+        if (!expect(c, ']')) {
+            do {
+                if (col->count == col->cap && !resize(col, col->cap ? 2 * col->cap : 64))
+                    return -1;
+                if (!scan_value(c, col, col->count))
+                    return 0;
+                col->count++;
+            } while (expect(c, ','));
+            if (!expect(c, ']'))
+                return 0;
+        }
+    } while (expect(c, ','));
+    return expect(c, '}');
+}
+
+/* The candidates as columns: {"item_id": [...], "features": {name: [...]}}, each key once, every column as long as
+ * the ids. 1 taken, 0 not this scanner's case, -1 out of memory. */
+static int scan_columns(Scan *sc, Cur *c) {
+    Span key;
+    int r, have_id = 0, have_features = 0;
+    sc->columnar = 1;
+    if (!expect(c, '{'))
+        return 0;
+    do {
+        if (!scan_key(c, &key))
+            return 0;
+        if (key_is(key, "item_id") && !have_id) {
+            have_id = 1;
+            r = scan_id_column(sc, c);
+        } else if (key_is(key, "features") && !have_features) {
+            have_features = 1;
+            r = scan_feature_columns(sc, c);
+        } else {
+            return 0;
+        }
+        if (r != 1)
+            return r;
+    } while (expect(c, ','));
+    if (!expect(c, '}') || !have_id || !have_features)
+        return 0;
+    for (Py_ssize_t j = 0; j < sc->ncols; j++)
+        if (sc->cols[j].count != sc->n)
+            return 0; /* a column of another length: the general path names it */
+    return 1;
+}
+
 /* bytes: the JSON array "[v0,v1,...]" of n spans; `quoted`: each span wrapped in double quotes. */
 static PyObject *json_array(const Span *spans, Py_ssize_t n, int quoted) {
     Py_ssize_t size = 2 + (n > 0 ? n - 1 : 0);
@@ -485,7 +573,8 @@ static PyObject *result(Scan *sc, Py_ssize_t start, Py_ssize_t end) {
             goto fail;
         PyList_SET_ITEM(columns, j, v);
     }
-    return Py_BuildValue("(nnNONNN)", start, end, ids, sc->ids_checked ? Py_True : Py_False, names, columns, kinds);
+    return Py_BuildValue("(nnNONNNO)", start, end, ids, sc->ids_checked ? Py_True : Py_False, names, columns, kinds,
+                         sc->columnar ? Py_True : Py_False);
 fail:
     Py_XDECREF(ids);
     Py_XDECREF(names);
@@ -511,7 +600,7 @@ static int scan_body(Scan *sc, const char *body, Py_ssize_t size, Py_ssize_t *st
                 return 0; /* twice: the general path keeps the last */
             skip_ws(&c);
             *start = c.p - body;
-            if ((r = scan_candidates(sc, &c)) != 1)
+            if ((r = c.p < c.end && *c.p == '{' ? scan_columns(sc, &c) : scan_candidates(sc, &c)) != 1)
                 return r;
             *end = c.p - body;
         } else if (!skip_value(&c, 1)) {

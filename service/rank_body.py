@@ -4,8 +4,9 @@ The candidates come in one of two forms: a list of objects (``RankRequest``: ``{
 per candidate) or, for clients that can send them, columns (``RankColumnsRequest``: ``{"item_id": [...],
 "features": {name: [...]}}``: one key per feature instead of one per value, and no object per candidate to build).
 
-A list-form body of the usual shape (every candidate ``{"item_id", "features"}`` with the same feature names in the
-same order, no escaped keys) takes the **scanned path**: ``service._rankjson`` (C, built with the package) reads the
+A body of the usual shape (the list form: every candidate ``{"item_id", "features"}`` with the same feature names in
+the same order; the column form: ``item_id`` and ``features`` with every column as long as the ids; no escaped keys)
+takes the **scanned path**: ``service._rankjson`` (C, built with the package) reads the
 candidates in one pass over the bytes with the GIL released, an integer column straight into int64 without a Python
 object per value, and checks the item ids when they are plain strings of 1-256 characters; the names and the other
 columns come back as JSON text, which ``orjson`` decodes: a column of float literals only into float64 with its range
@@ -120,7 +121,7 @@ def _scanned(body: bytes) -> RankBody | None:
     got = rankjson.scan(body, MAX_ID)
     if got is None:
         return None
-    start, end, ids, ids_checked, names, raw, kinds = got
+    start, end, ids, ids_checked, names, raw, kinds, columnar = got
     try:
         doc = orjson.loads(body[:start] + b"[]" + body[end:])  # the options: every member but the candidates
         ids, names = orjson.loads(ids), orjson.loads(names)
@@ -141,7 +142,7 @@ def _scanned(body: bytes) -> RankBody | None:
         options = RankOptions.model_validate(doc)
     except ValidationError:
         return None
-    return RankBody(options, ids, None, columns)
+    return RankBody(options, ids, None, columns, columnar=columnar)
 
 
 def _fast(doc: dict[str, Any]) -> RankBody | None:

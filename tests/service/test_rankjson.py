@@ -1,6 +1,7 @@
-"""service._rankjson, the C scanner of the /rank list form: which bodies it takes, what it hands back, and that
-``parse_rank`` (scanned path first) answers every body as the checked path does, on usual bodies, on the cases the
-scanner declines and on a fuzz of mutated bodies (truncated, bytes dropped, inserted or replaced)."""
+"""service._rankjson, the C scanner of the /rank body (list form and column form): which bodies it takes, what it
+hands back, and that ``parse_rank`` (scanned path first) answers every body as the checked path does, on usual
+bodies, on the cases the scanner declines and on a fuzz of mutated bodies (truncated, bytes dropped, inserted or
+replaced)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,12 @@ def _dumps(doc: Any, rng: random.Random) -> bytes:
     return text.encode()
 
 
+def _columns(cands: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same candidates in the column form (``RankColumnsRequest``)."""
+    names = list(cands[0]["features"]) if cands else []
+    return {"item_id": [c["item_id"] for c in cands], "features": {k: [c["features"][k] for c in cands] for k in names}}
+
+
 def _doc(cands: Any, **extra: Any) -> dict[str, Any]:
     return {"user_id": "u1", "context": {"device": "ios", "hour": 21, "tags": ["a", 1, None]},
             "candidates": cands, "top_k": 5, **extra}
@@ -83,11 +90,21 @@ def test_usual_bodies_are_scanned_and_give_the_checked_paths_request(scan: Any) 
     assert floats >= 20
 
 
+def test_usual_column_form_bodies_are_scanned_and_give_the_checked_paths_request(scan: Any) -> None:
+    rng = random.Random(1)
+    for _ in range(60):
+        body = _dumps(_doc(_columns(_usual(rng, rng.choice([1, 2, 17, 80])))), rng)
+        assert scan(body, 256)[7] is True, body[:200]
+        got = parse_rank(body, JSON)
+        assert got.columnar and isinstance(got.columns["cat"], np.ndarray), body[:200]  # the scanned path's result
+        assert _same(body)[0] == "ok"
+
+
 def test_the_scanners_output(scan: Any) -> None:
     body = (b'{"top_k": 2, "candidates": [{"item_id": "a", "features": {"x": 1, "y": 2.5, "z": "s\\"t", "w": 1e3}},'
             b' {"features": {"x": -7, "y": null, "z": true, "w": -0.5E-2}, "item_id": "b"}], "user_id": "u"}')
-    start, end, ids, ids_checked, names, columns, kinds = scan(body, 256)
-    assert body[start:end].startswith(b"[{") and body[start:end].endswith(b"}]")
+    start, end, ids, ids_checked, names, columns, kinds, columnar = scan(body, 256)
+    assert body[start:end].startswith(b"[{") and body[start:end].endswith(b"}]") and columnar is False
     assert json.loads(body[:start] + b"[]" + body[end:]) == {"top_k": 2, "candidates": [], "user_id": "u"}
     assert json.loads(ids) == ["a", "b"] and ids_checked is True and json.loads(names) == ["x", "y", "z", "w"]
     assert kinds == b"ijjf"
@@ -97,6 +114,17 @@ def test_the_scanners_output(scan: Any) -> None:
     assert scan(body.replace(b"1e3", b"1000"), 256)[6] == b"ijjj"  # an integer literal: not a float column
     with pytest.raises(TypeError):  # bytes only: the pass reads the body without the GIL
         scan(bytearray(body), 256)
+
+
+def test_the_scanners_output_for_the_column_form(scan: Any) -> None:
+    body = (b'{"top_k": 2, "candidates": {"features": {"x": [1, -7], "y": [2.5, null], "w": [1e3, -0.5E-2]}, '
+            b'"item_id": ["a", "b"]}, "user_id": "u"}')
+    start, end, ids, ids_checked, names, columns, kinds, columnar = scan(body, 256)
+    assert columnar is True and body[start:end].startswith(b'{"features"') and body[start:end].endswith(b'"b"]}')
+    assert json.loads(ids) == ["a", "b"] and ids_checked is True and json.loads(names) == ["x", "y", "w"]
+    assert kinds == b"ijf" and np.frombuffer(columns[0], dtype=np.int64).tolist() == [1, -7]
+    assert json.loads(columns[1]) == [2.5, None] and json.loads(columns[2]) == [1000.0, -0.005]
+    assert scan(b'{"candidates": {"item_id": ["a"], "features": {}}}', 256)[4:] == (b"[]", [], b"", True)
 
 
 @pytest.mark.parametrize(("item_id", "max_id", "checked"), [
@@ -128,7 +156,18 @@ DECLINED = {  # bodies the scanner leaves to the other paths (valid or not: they
     "a name twice": b'{"candidates": [{"item_id": "a", "features": {"x": 1, "x": 2}}]}',
     "item_id twice": b'{"candidates": [{"item_id": "a", "item_id": "b", "features": {}}]}',
     "no candidates": b'{"candidates": []}',
-    "candidates not a list": b'{"candidates": {"item_id": ["a"]}}',
+    "columns: features missing": b'{"candidates": {"item_id": ["a"]}}',
+    "columns: no item ids": b'{"candidates": {"item_id": [], "features": {}}}',
+    "columns: item_id not a list": b'{"candidates": {"item_id": "a", "features": {}}}',
+    "columns: a column shorter": b'{"candidates": {"item_id": ["a", "b"], "features": {"x": [1, 2], "y": [1]}}}',
+    "columns: a column longer": b'{"candidates": {"features": {"x": [1, 2, 3]}, "item_id": ["a", "b"]}}',
+    "columns: a column not a list": b'{"candidates": {"item_id": ["a"], "features": {"x": 1}}}',
+    "columns: a name twice": b'{"candidates": {"item_id": ["a"], "features": {"x": [1], "x": [2]}}}',
+    "columns: escaped name": b'{"candidates": {"item_id": ["a"], "features": {"\\u0078": [1]}}}',
+    "columns: escaped key": b'{"candidates": {"item_\\u0069d": ["a"], "features": {}}}',
+    "columns: extra key": b'{"candidates": {"item_id": ["a"], "features": {}, "score": [1]}}',
+    "columns: item_id twice": b'{"candidates": {"item_id": ["a"], "item_id": ["b"], "features": {}}}',
+    "columns: features not an object": b'{"candidates": {"item_id": ["a"], "features": [[1]]}}',
     "no candidates key": b'{"user_id": "u"}',
     "not an object": b'[{"candidates": []}]',
     "empty body": b"",
@@ -169,6 +208,8 @@ TAKEN_BUT_REFUSED = {  # scanned (the structure is the usual one), then a value 
     "object value": [_cand(x={"y": 1})],
     "nested list": [_cand(x=[[1]])],
     "second candidate bad": [_cand(x=1), _cand("b", x={})],
+    "columns: long string": _columns([_cand(x="s" * 1025)]),
+    "columns: object value": _columns([_cand(x=1), _cand("b", x={"y": 1})]),
 }
 
 
@@ -212,7 +253,8 @@ def test_fuzz_mutated_bodies_answer_as_the_checked_path(scan: Any) -> None:
     bodies = scanned = 0
     for _ in range(120):
         names = rng.sample(NAMES, rng.randrange(1, len(NAMES) + 1))
-        body = _dumps(_doc(_usual(rng, rng.randrange(1, 6), names)), rng)
+        cands = _usual(rng, rng.randrange(1, 6), names)
+        body = _dumps(_doc(_columns(cands) if rng.random() < 0.5 else cands), rng)
         for mutated in [body, *_mutations(rng, body, 60)]:
             scan(mutated, 256)  # never crashes, whatever the bytes
             _same(mutated)
