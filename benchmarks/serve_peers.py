@@ -796,6 +796,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "BASE_REV vs --ab-new at --ab-size candidates, alternating (prints, docs untouched; --rounds default 5)")
     ap.add_argument("--ab-new", metavar="REV", help="the other side of --ab (default: this working tree)")
     ap.add_argument("--ab-size", type=int, default=TARGET_N, help=f"candidates per request in --ab (default {TARGET_N})")
+    ap.add_argument("--ab-columns", action="store_true", help="--ab sends the bodies with their candidates as columns")
     serve_bench.add_ab_env(ap)
     args = ap.parse_args(argv)
     q = args.quick
@@ -825,7 +826,7 @@ def main(argv: list[str]) -> int:
         schema = FittedSchema.from_dict(json.loads((paths.run / "schema.json").read_text()))
         write_bodies(paths, schema, args.sizes, args.bodies)
         if args.ab:
-            bodies = [b for b in paths.bodies(args.ab_size).read_bytes().split(b"\n") if b]
+            bodies = [b for b in paths.bodies(args.ab_size, args.ab_columns).read_bytes().split(b"\n") if b]
             print(serve_bench.run_ab(paths.serving("fp32"), bodies, args, work, args.ab_size))
             return 0
         log("preparing: rechub export, parity" + (", GEMM rate, MACs" if args.gemm_runs else ""))
