@@ -1,5 +1,5 @@
-/* service._rankjson: the /rank JSON in C, both ways: the list form's candidates scanned from the body's bytes into
- * columns, and the response's items spliced from JSON arrays.
+/* service._rankjson: the /rank JSON in C, both ways: the candidates (list or column form) scanned from the body's
+ * bytes into columns, and the response's items spliced from JSON arrays.
  *
  * scan(body, max_id) -> None | (start, end, item_ids, ids_checked, names, columns, kinds, columnar)
  *
@@ -238,7 +238,7 @@ typedef struct {
     Column *cols;
     Py_ssize_t ncols, cap_cols;
     Span *ids;
-    Py_ssize_t n, cap_n; /* candidates read; capacity of ids and of every column's arrays */
+    Py_ssize_t n, cap_n; /* candidates read; capacity of ids (the list form: of every column's arrays too) */
     Py_ssize_t max_id;   /* the longest item_id (characters) that ids_checked vouches for */
     int ids_checked;     /* every item_id so far a string without escapes of 1 to max_id characters */
     int columnar;        /* the candidates came as columns (an object), not as a list of objects */
