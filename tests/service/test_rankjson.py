@@ -210,6 +210,8 @@ TAKEN_BUT_REFUSED = {  # scanned (the structure is the usual one), then a value 
     "second candidate bad": [_cand(x=1), _cand("b", x={})],
     "columns: long string": _columns([_cand(x="s" * 1025)]),
     "columns: object value": _columns([_cand(x=1), _cand("b", x={"y": 1})]),
+    "columns: int item id": {"item_id": [5], "features": {"x": [1]}},
+    "columns: long item id": _columns([_cand("i" * 257, x=1)]),
 }
 
 
