@@ -407,12 +407,11 @@ static int scan_id(Scan *sc, Cur *c, Span *out) {
     return 1;
 }
 
-/* One candidate object. 1 taken, 0 not this scanner's case, -1 out of memory. */
-static int scan_candidate(Scan *sc, Cur *c) {
+/* An object whose keys are "item_id" and "features", each once, in either order: their values read by `ids` and
+ * `features`. 1 taken, 0 not this scanner's case, -1 out of memory. */
+static int scan_id_and_features(Scan *sc, Cur *c, int (*ids)(Scan *, Cur *), int (*features)(Scan *, Cur *)) {
     Span key;
     int r, have_id = 0, have_features = 0;
-    if (!grow(sc))
-        return -1;
     if (!expect(c, '{'))
         return 0;
     do {
@@ -420,18 +419,28 @@ static int scan_candidate(Scan *sc, Cur *c) {
             return 0;
         if (key_is(key, "item_id") && !have_id) {
             have_id = 1;
-            if (!scan_id(sc, c, &sc->ids[sc->n]))
-                return 0;
+            r = ids(sc, c);
         } else if (key_is(key, "features") && !have_features) {
             have_features = 1;
-            if ((r = scan_features(sc, c)) != 1)
-                return r;
+            r = features(sc, c);
         } else {
             return 0;
         }
+        if (r != 1)
+            return r;
     } while (expect(c, ','));
-    if (!expect(c, '}') || !have_id || !have_features)
-        return 0;
+    return expect(c, '}') && have_id && have_features;
+}
+
+static int scan_candidate_id(Scan *sc, Cur *c) { return scan_id(sc, c, &sc->ids[sc->n]); }
+
+/* One candidate object. 1 taken, 0 not this scanner's case, -1 out of memory. */
+static int scan_candidate(Scan *sc, Cur *c) {
+    int r;
+    if (!grow(sc))
+        return -1;
+    if ((r = scan_id_and_features(sc, c, scan_candidate_id, scan_features)) != 1)
+        return r;
     sc->n++;
     return 1;
 }
@@ -493,31 +502,13 @@ static int scan_feature_columns(Scan *sc, Cur *c) {
     return expect(c, '}');
 }
 
-/* The candidates as columns: {"item_id": [...], "features": {name: [...]}}, each key once, every column as long as
- * the ids. 1 taken, 0 not this scanner's case, -1 out of memory. */
+/* The candidates as columns: {"item_id": [...], "features": {name: [...]}}, every column as long as the ids. 1
+ * taken, 0 not this scanner's case, -1 out of memory. */
 static int scan_columns(Scan *sc, Cur *c) {
-    Span key;
-    int r, have_id = 0, have_features = 0;
+    int r;
     sc->columnar = 1;
-    if (!expect(c, '{'))
-        return 0;
-    do {
-        if (!scan_key(c, &key))
-            return 0;
-        if (key_is(key, "item_id") && !have_id) {
-            have_id = 1;
-            r = scan_id_column(sc, c);
-        } else if (key_is(key, "features") && !have_features) {
-            have_features = 1;
-            r = scan_feature_columns(sc, c);
-        } else {
-            return 0;
-        }
-        if (r != 1)
-            return r;
-    } while (expect(c, ','));
-    if (!expect(c, '}') || !have_id || !have_features)
-        return 0;
+    if ((r = scan_id_and_features(sc, c, scan_id_column, scan_feature_columns)) != 1)
+        return r;
     for (Py_ssize_t j = 0; j < sc->ncols; j++)
         if (sc->cols[j].count != sc->n)
             return 0; /* a column of another length: the general path names it */
