@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import os
 import random
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -20,6 +21,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import fusion as fusion_mod
 from service.errors import error_body
@@ -211,6 +214,45 @@ async def rank_items(request: Request, svc: ServicesDep, model: ModelDep) -> Res
     body = response_json({**base, "degraded": store.degraded}, item_ids, ranked, model.task_names, req.raw_scores,
                          req.return_task_scores)
     return _json(body, BackgroundTask(_after_rank, svc, inp, store, fusion_name, ranked))
+
+
+class RankDispatch:
+    """ASGI middleware: ``POST /rank`` straight to :func:`rank_items`, every other request on to ``app``.
+
+    FastAPI's path to an endpoint (its own middleware, the router, dependency solving) costs about half a millisecond
+    of event-loop CPU per request (docs/benchmarks.md, table of changes), as much as the response's JSON. This takes
+    the route's own parts, in the route's order: the dependencies' functions (:func:`get_services`,
+    :func:`get_model`: a 503 without a model), the endpoint, and on an exception the app's handler for it (looked up
+    as Starlette's ``ExceptionMiddleware`` does: a status code first, then the exception's classes), so the answers
+    are the route's, byte for byte (``tests/service/test_api.py``). An exception without a handler propagates, as
+    through the route. Installed inside the metrics and body-limit middleware, which see every request either way;
+    the route stays registered for the OpenAPI contract and for any request this does not take (another method, a
+    ``root_path``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/rank" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive, send)
+        try:
+            svc = await get_services(request)
+            response = await rank_items(request, svc, await get_model(svc))
+        except Exception as exc:
+            handler = _exception_handler(request.app.exception_handlers, exc)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, receive, send)
+
+
+def _exception_handler(handlers: dict[Any, Callable[..., Any]], exc: Exception) -> Callable[..., Any] | None:
+    """The app's handler for ``exc``: by status code for an HTTP exception, else the nearest of its classes."""
+    if isinstance(exc, StarletteHTTPException) and exc.status_code in handlers:
+        return handlers[exc.status_code]
+    return next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers), None)
 
 
 def _rank_observed(svc: Services, model: Model, inp: RankInput, store: StoreResult, fusion: fusion_mod.Fusion,

@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mtrank.config import ConfigError
 from service import rank_body
-from service.api import Services, router
+from service.api import RankDispatch, Services, router
 from service.errors import error_body
 from service.feature_store import build_feature_store
 from service.feedback import build_join_store
@@ -233,6 +233,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(InputError, _input_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_middleware(RankDispatch)  # innermost: POST /rank past FastAPI's routing, under the two below
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics,  # added last = outermost: sees 413s too
                        known_paths=frozenset(getattr(r, "path", "") for r in router.routes))

@@ -653,3 +653,64 @@ def test_bad_columns_name_the_field(served, client: httpx.Client, candidates: di
     r = client.post("/rank", json=fill({"candidates": candidates}, manifest))
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"] == fill(loc, manifest)
+
+
+# ------------------------------------------------------------------------------- /rank dispatch
+
+
+def test_rank_dispatch_answers_as_the_fastapi_route(served, tiny_run: Path, tmp_path: Path) -> None:
+    """``service.api.RankDispatch`` takes POST /rank past FastAPI's routing: a second server built without it (the
+    route itself answering) gets the same requests, and every answer is the same status, media type and bytes:
+    rankings in both forms, each documented 4xx (the handlers' bodies), a 413 raised while the body streams in, a
+    409 for a reused request id, a 405 for another method; and a 503 from both before any model is loaded."""
+    from service.api import RankDispatch
+
+    srv, manifest = served
+    routed = ServerThread(srv.settings)
+    routed.app.user_middleware = [m for m in routed.app.user_middleware if m.cls is not RankDispatch]
+    routed.start()
+    big = json.dumps({"candidates": [{"item_id": f"item-{k:08d}", "features": {"category": "c" * 500}}
+                                     for k in range(200)]}).encode()
+    cols = {"item_id": ["a", "b"], "features": {pick(manifest, ("item",), "numeric"): [1.5, None]}}
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("POST", {"json": rank_body(8, request_id="same-1", top_k=5)}),
+        ("POST", {"json": rank_body(8, request_id="same-1")}),  # reused: 409
+        ("POST", {"json": {"user_id": "u", "request_id": "same-2", "candidates": cols}}),
+        ("POST", {"json": rank_body(3, request_id="same-3", fusion="ctr_only", return_task_scores=False)}),
+        *(("POST", {"json": fill(body, manifest)}) for body, _, _ in BAD),
+        ("POST", {"content": b'{"candidates": [', "headers": {"content-type": "application/json"}}),
+        ("POST", {"content": b"\xff\xfe", "headers": {"content-type": "application/json"}}),
+        ("POST", {"content": b'{"candidates": []}', "headers": {"content-type": "text/plain"}}),
+        ("POST", {"content": [big[i:i + 8192] for i in range(0, len(big), 8192)],  # streamed: no Content-Length
+                  "headers": {"content-type": "application/json"}}),
+        ("GET", {}),
+    ]
+    try:
+        with srv.client() as a, routed.client() as b:
+            statuses = []
+            for method, kw in cases:
+                sent = [{**kw, "content": iter(kw["content"])} if isinstance(kw.get("content"), list) else kw
+                        for _ in range(2)]  # a list of chunks goes as a fresh generator to each server
+                ra, rb = a.request(method, "/rank", **sent[0]), b.request(method, "/rank", **sent[1])
+                assert (ra.status_code, ra.headers.get("content-type"), ra.headers.get("allow"), ra.content) == \
+                       (rb.status_code, rb.headers.get("content-type"), rb.headers.get("allow"), rb.content), kw
+                statuses.append(ra.status_code)
+            assert statuses[:4] == [200, 409, 200, 200] and statuses[-2:] == [413, 405]
+            assert set(statuses[4:-2]) <= {400, 422}
+    finally:
+        routed.stop()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_model = [ServerThread(settings_for(empty)) for _ in range(2)]
+    no_model[1].app.user_middleware = [m for m in no_model[1].app.user_middleware if m.cls is not RankDispatch]
+    try:
+        answers = []
+        for s in no_model:
+            s.start(ready=False)
+            with s.client() as c:
+                r = c.post("/rank", json=rank_body(2))
+                answers.append((r.status_code, r.content))
+        assert answers[0] == answers[1] and answers[0][0] == 503
+    finally:
+        for s in no_model:
+            s.stop()
