@@ -2,7 +2,8 @@
 
 Handlers get what they need through dependencies (``Depends``): the app's :class:`Services`, the
 model serving *at the start of the request* (a reload during the request does not affect it), and
-the admin bearer-token check.
+the admin bearer-token check. ``POST /rank`` reaches its endpoint through :class:`RankDispatch` (the same
+dependency functions and exception handlers, without FastAPI's routing).
 """
 
 from __future__ import annotations

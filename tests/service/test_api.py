@@ -658,7 +658,7 @@ def test_bad_columns_name_the_field(served, client: httpx.Client, candidates: di
 # ------------------------------------------------------------------------------- /rank dispatch
 
 
-def test_rank_dispatch_answers_as_the_fastapi_route(served, tiny_run: Path, tmp_path: Path) -> None:
+def test_rank_dispatch_answers_as_the_fastapi_route(served, tmp_path: Path) -> None:
     """``service.api.RankDispatch`` takes POST /rank past FastAPI's routing: a second server built without it (the
     route itself answering) gets the same requests, and every answer is the same status, media type and bytes:
     rankings in both forms, each documented 4xx (the handlers' bodies), a 413 raised while the body streams in, a
