@@ -1,7 +1,8 @@
 """What the web framework costs per /rank request: a FastAPI route against a bare ASGI app, both doing nothing.
 
-The question it answers: would a pure-ASGI path for ``POST /rank`` (bypassing Starlette's middleware stack and
-FastAPI's routing and dependency solving) pay? Two servers, each ``python -m uvicorn --factory`` (uvloop,
+The floor of the question "what does a pure-ASGI path for ``POST /rank`` save": a route alone, with no router of
+other routes, no dependencies and no middleware of the app's (what ``service.api.RankDispatch`` skips in mtrank is
+measured by its A/B in docs/benchmarks.md). Two servers, each ``python -m uvicorn --factory`` (uvloop,
 httptools, no access log, one worker), answer ``POST /rank`` with the same fixed 500-item JSON response after
 reading the whole body: (1) a FastAPI app with one ``async def`` route taking the ``Request`` (``await
 request.body()``) and returning a ``Response``, as ``service.api.rank_items`` does; (2) a bare ASGI callable that
