@@ -34,9 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import serve_bench  # noqa: E402
 from benchmarks.common import log  # noqa: E402
-from benchmarks.serve_bench import free_port  # noqa: E402
+from benchmarks.serve_bench import free_port, run_loadgen  # noqa: E402
 
 APPS = {"fastapi": "FastAPI route (Request, await body(), Response)", "asgi": "bare ASGI callable"}
 
@@ -116,12 +115,8 @@ def main(argv: list[str]) -> int:
             for r in range(args.rounds):
                 for key in list(APPS)[r % 2:] + list(APPS)[:r % 2]:
                     proc, port = servers[key]
-                    out = Path(tmp) / "load.json"
-                    subprocess.run([sys.executable, serve_bench.__file__, "_loadgen", "--port", str(port), "--bodies",
-                                    str(bodies), "--concurrency", "8", "--duration", str(args.duration), "--warmup",
-                                    str(args.warmup), "--max-requests", "10000000", "--expect-items",
-                                    str(args.candidates), "--server-pids", str(proc.pid), "--out", str(out)], check=True)
-                    d = json.loads(out.read_text())
+                    d = run_loadgen(port, bodies, Path(tmp) / "load.json", [proc.pid], 8, args.duration, args.warmup,
+                                    10_000_000, args.candidates)
                     cpu[key].append(sum(d["server_cpu_s"].values()) / d["requests"])
                     rps[key].append(d["requests"] / d["elapsed_s"])
                     log(f"round {r} {key}: {rps[key][-1]:.0f} req/s, {cpu[key][-1] * 1e3:.3f} ms CPU/request")

@@ -437,13 +437,8 @@ def run_http_config(cfg: ServerConfig, bundles: Path, bodies_path: Path, args: a
         server.wait_ready()
         startup = time.perf_counter() - t0
         pids = process_tree(server.proc.pid)
-        out = workdir / f"load-{cfg.key}-{round_no}.json"
-        cmd = [sys.executable, __file__, "_loadgen", "--port", str(server.port), "--bodies", str(bodies_path),
-               "--concurrency", str(args.concurrency), "--duration", str(args.duration), "--warmup", str(args.warmup),
-               "--max-requests", str(args.max_requests), "--expect-items", str(expect_items),
-               "--server-pids", ",".join(map(str, pids)), "--out", str(out)]
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        res = json.loads(out.read_text())
+        res = run_loadgen(server.port, bodies_path, workdir / f"load-{cfg.key}-{round_no}.json", pids,
+                          args.concurrency, args.duration, args.warmup, args.max_requests, expect_items)
         res.update(config=cfg.key, round=round_no, startup_s=startup, server_cmd=server.cmd, server_env=cfg.env)
         if before_stop is not None:
             res.update(before_stop(server))
@@ -647,6 +642,17 @@ async def loadgen(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": args.concurrency, "latencies": state.latencies, "client_cpu_s": client_cpu - client_cpu0,
             "server_cpu_s": {str(p): server_cpu[p] - server_cpu0[p] for p in pids}, "cpu_window_s": t_stop - t0,
             "machine_idle": (idle[0] - idle0[0]) / max(1, idle[1] - idle0[1])}  # share of all CPUs' time idle
+
+
+def run_loadgen(port: int, bodies: Path, out: Path, server_pids: list[int], concurrency: int, duration: float,
+                warmup: float, max_requests: int, expect_items: int) -> dict[str, Any]:
+    """One closed-loop run of the load generator in a process of its own (``_loadgen``) against ``port``, the bodies
+    one per line of ``bodies``; its results (also left in ``out``)."""
+    subprocess.run([sys.executable, __file__, "_loadgen", "--port", str(port), "--bodies", str(bodies),
+                    "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup),
+                    "--max-requests", str(max_requests), "--expect-items", str(expect_items),
+                    "--server-pids", ",".join(map(str, server_pids)), "--out", str(out)], check=True, cwd=ROOT)
+    return json.loads(out.read_text())
 
 
 def loadgen_main(argv: list[str]) -> int:

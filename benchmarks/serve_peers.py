@@ -432,13 +432,9 @@ def role_cpu(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, f
 def drive(server: Server, n: int, paths: Paths, args: argparse.Namespace, tag: str, columns: bool = False
           ) -> dict[str, Any]:
     """One closed-loop run of serve_bench's load generator against ``server``."""
-    out = paths.work / f"serve_peers-load-{tag}.json"
-    subprocess.run([sys.executable, serve_bench.__file__, "_loadgen", "--port", str(server.port),
-                    "--bodies", str(paths.bodies(n, columns)), "--concurrency", str(args.concurrency),
-                    "--duration", str(args.duration), "--warmup", str(args.warmup), "--max-requests",
-                    str(args.max_requests), "--expect-items", str(n), "--server-pids",
-                    ",".join(map(str, process_tree(server.proc.pid))), "--out", str(out)], check=True, cwd=ROOT)
-    return json.loads(out.read_text())
+    return serve_bench.run_loadgen(server.port, paths.bodies(n, columns), paths.work / f"serve_peers-load-{tag}.json",
+                                   process_tree(server.proc.pid), args.concurrency, args.duration, args.warmup,
+                                   args.max_requests, n)
 
 
 def measure(v: Variant, server: Server, n: int, r: int, paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
