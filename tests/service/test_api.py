@@ -665,10 +665,13 @@ def test_rank_dispatch_answers_as_the_fastapi_route(served, tmp_path: Path) -> N
     409 for a reused request id, a 405 for another method; and a 503 from both before any model is loaded."""
     from service.api import RankDispatch
 
+    def routed(settings: Any) -> ServerThread:  # the app without RankDispatch: FastAPI's route answers /rank
+        s = ServerThread(settings)
+        s.app.user_middleware = [m for m in s.app.user_middleware if m.cls is not RankDispatch]
+        return s
+
     srv, manifest = served
-    routed = ServerThread(srv.settings)
-    routed.app.user_middleware = [m for m in routed.app.user_middleware if m.cls is not RankDispatch]
-    routed.start()
+    plain = routed(srv.settings).start()
     big = json.dumps({"candidates": [{"item_id": f"item-{k:08d}", "features": {"category": "c" * 500}}
                                      for k in range(200)]}).encode()
     cols = {"item_id": ["a", "b"], "features": {pick(manifest, ("item",), "numeric"): [1.5, None]}}
@@ -686,7 +689,7 @@ def test_rank_dispatch_answers_as_the_fastapi_route(served, tmp_path: Path) -> N
         ("GET", {}),
     ]
     try:
-        with srv.client() as a, routed.client() as b:
+        with srv.client() as a, plain.client() as b:
             statuses = []
             for method, kw in cases:
                 sent = [{**kw, "content": iter(kw["content"])} if isinstance(kw.get("content"), list) else kw
@@ -698,11 +701,10 @@ def test_rank_dispatch_answers_as_the_fastapi_route(served, tmp_path: Path) -> N
             assert statuses[:4] == [200, 409, 200, 200] and statuses[-2:] == [413, 405]
             assert set(statuses[4:-2]) <= {400, 422}
     finally:
-        routed.stop()
+        plain.stop()
     empty = tmp_path / "empty"
     empty.mkdir()
-    no_model = [ServerThread(settings_for(empty)) for _ in range(2)]
-    no_model[1].app.user_middleware = [m for m in no_model[1].app.user_middleware if m.cls is not RankDispatch]
+    no_model = [ServerThread(settings_for(empty)), routed(settings_for(empty))]
     try:
         answers = []
         for s in no_model:
