@@ -312,11 +312,10 @@ def inside(http: dict[str, Any], facts: dict[str, Any], sizes: list[int]) -> dic
             role: sum(x["thread_cpu_s"][role] for x in mine) / total for role in THREAD_ROLES}}
         row["model_cpu_s"] = http["stage_cpu"][str(n)].get("inference", float("nan"))
         row["int8_model_cpu_s"] = http["int8_model_cpu"][str(n)]
-        if "inference_quiet_int8_s" in facts:
-            row["int8_quiet_s"] = facts["inference_quiet_int8_s"][str(n)]
         timed = {"load": row["model_cpu_s"]}
-        if "macs" in facts:
+        if "macs" in facts:  # model_facts ran: the quiet timings of both bundles
             timed["quiet"] = row["quiet_s"] = facts["inference_quiet_s"][str(n)]
+            row["int8_quiet_s"] = facts["inference_quiet_int8_s"][str(n)]
             row.update(macs=facts["macs"][str(n)], gemm_gflops=facts["gemm_gflops"][str(n)])
         # outside the model: 1 - the model's CPU / the server's, the model's CPU counted two ways: the inference
         # thread's CPU in session.run under the load (one intra-op thread: ORT runs every kernel on it), and the quiet
@@ -649,8 +648,8 @@ def verdicts(summary: dict[str, Any], inside: dict[str, Any], isa: str) -> list[
     ratio = s["int8"]["rps"] / s["fp32"]["rps"]
     # the model's own int8 speed-up bounds the service's: (outside + fp32 model) / (outside + int8 model) < fp32 / int8
     alone = {"under the load (its CPU per request)": row["model_cpu_s"] / row["int8_model_cpu_s"]}
-    if "int8_quiet_s" in row:
-        alone["quiet (one thread, bodies cycled)"] = row.get("quiet_s", row["model_cpu_s"]) / row["int8_quiet_s"]
+    if "quiet_s" in row:
+        alone["quiet (one thread, bodies cycled)"] = row["quiet_s"] / row["int8_quiet_s"]
     capped = max(alone.values()) < TARGET_INT8
     out.append(f"int8 vs fp32 (1 worker) at {TARGET_N} candidates: {ratio:.2f}x the requests/s, target >= "
                f"{TARGET_INT8:g}x: {met(ratio >= TARGET_INT8)}; server CPU per request "
