@@ -633,6 +633,20 @@ def _x(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def int8_ceiling(row: dict[str, Any]) -> str:
+    """Amdahl's bound on the int8 server, from the fp32 server's own numbers under the load: the work outside the
+    model (HTTP, parse, features, calibration, fusion, statistics, response: the same code in both servers) stays,
+    the model's CPU shrinks to the int8 model's. So the server's CPU per request can shrink at most
+    (outside + fp32 model) / (outside + int8 model), and 1.6x needs outside <= (fp32 - 1.6 int8) / 0.6."""
+    fp32, int8 = row["model_cpu_s"], row["int8_model_cpu_s"]
+    outside = row["server_cpu_s"] - fp32
+    ceiling = (outside + fp32) / (outside + int8)
+    need = (fp32 - TARGET_INT8 * int8) / (TARGET_INT8 - 1)
+    return (f"With the {ms(outside)} ms of server CPU per request outside the model, the same in both servers, the "
+            f"int8 model's {ms(int8)} ms in place of {ms(fp32)} ms bound the server's CPU per request at "
+            f"{ceiling:.2f}x less (Amdahl); {TARGET_INT8:g}x needs at most {ms(need)} ms outside the model.")
+
+
 def verdicts(summary: dict[str, Any], inside: dict[str, Any], isa: str) -> list[str]:
     """The issue's targets at 500 candidates (fp32, one worker), met or missed; ``isa``: the CPU's instructions for
     int8 dot products (``serve_bench.machine_note``)."""
@@ -656,7 +670,7 @@ def verdicts(summary: dict[str, Any], inside: dict[str, Any], isa: str) -> list[
                f"{s['fp32']['server_cpu_ms_per_req'] / s['int8']['server_cpu_ms_per_req']:.2f}x less; the model alone "
                + ", ".join(f"{x:.2f}x {how}" for how, x in alone.items())
                + (f": below the target itself, so no service around this model reaches it on this CPU ({isa})."
-                  if capped else "."))
+                  if capped else f". {int8_ceiling(row)}"))
     out.append(f"Server CPU outside the model at {TARGET_N} candidates: {row['outside_load']:.0%} with the model's CPU "
                f"under the load, {row['outside_quiet']:.0%} with its quiet run, target <= {TARGET_OUTSIDE:.0%}: "
                f"{met(row['outside_load'] <= TARGET_OUTSIDE)} / {met(row['outside_quiet'] <= TARGET_OUTSIDE)}.")
@@ -787,8 +801,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--bodies", type=int, default=32, help="distinct request bodies per size")
     ap.add_argument("--half-load", action="store_true",
                     help=f"then an open-loop run of mtrank fp32 at {TARGET_N} candidates at half its saturation req/s")
-    ap.add_argument("--ab", metavar="BASE_REV", help="A/B instead: mtrank fp32 (1 worker, 1 intra-op thread) from "
-                    "BASE_REV vs --ab-new at --ab-size candidates, alternating (prints, docs untouched; --rounds default 5)")
+    ap.add_argument("--ab", metavar="BASE_REV", help="A/B instead: mtrank (1 worker, 1 intra-op thread, the --ab-bundle "
+                    "bundle) from BASE_REV vs --ab-new at --ab-size candidates, alternating (prints, docs untouched; "
+                    "--rounds default 5)")
+    ap.add_argument("--ab-bundle", choices=("fp32", "int8"), default="fp32", help="the bundle both sides of --ab serve")
     ap.add_argument("--ab-new", metavar="REV", help="the other side of --ab (default: this working tree)")
     ap.add_argument("--ab-size", type=int, default=TARGET_N, help=f"candidates per request in --ab (default {TARGET_N})")
     ap.add_argument("--ab-columns", action="store_true", help="--ab sends the bodies with their candidates as columns")
@@ -822,7 +838,7 @@ def main(argv: list[str]) -> int:
         write_bodies(paths, schema, args.sizes, args.bodies)
         if args.ab:
             bodies = [b for b in paths.bodies(args.ab_size, args.ab_columns).read_bytes().split(b"\n") if b]
-            print(serve_bench.run_ab(paths.serving("fp32"), bodies, args, work, args.ab_size))
+            print(serve_bench.run_ab(paths.serving(args.ab_bundle), bodies, args, work, args.ab_size))
             return 0
         log("preparing: rechub export, parity" + (", GEMM rate, MACs" if args.gemm_runs else ""))
         facts = prepare(paths, args.arch, args.sizes, args.gemm_runs)
