@@ -344,13 +344,21 @@ class Model:
         return {t: (self.calibration[t].apply(p) if t in self.calibration else p) for t, p in raw.items()}
 
     def score(self, inp: RankInput, store: StoreResult, reject_unknown: bool = False) -> Scored:
+        """Encode, then :meth:`score_inputs`; the stages ``features`` and ``inference`` timed."""
         t0 = clock()
         inputs = self.encode(inp, store, reject_unknown)
+        t1 = clock()
+        scored = self.score_inputs(inputs)
+        scored.record("features", t0, t1)
+        return scored
+
+    def score_inputs(self, inputs: Mapping[str, np.ndarray]) -> Scored:
+        """The graph run on encoded inputs (ONNX Runtime runs it without the GIL), then calibration; the stage
+        ``inference`` timed."""
         t1 = clock()
         raw, gates = self.infer(inputs)
         t2 = clock()
         scored = Scored(raw, self.calibrate(raw), gates)
-        scored.record("features", t0, t1)
         scored.record("inference", t1, t2)
         return scored
 
@@ -362,13 +370,15 @@ class Ranked:
     scored: Scored
 
 
+def order_scored(scored: Scored, fusion: fusion_mod.Fusion, n: int, top_k: int | None) -> Ranked:
+    """Fuse the ``n`` candidates' calibrated scores, order them (stable: ties keep the request order), keep the top k."""
+    fused = fusion({t: v.astype(np.float64) for t, v in scored.calibrated.items()}, n)  # [n]
+    best = np.argsort(-fused, kind="stable")
+    return Ranked(best if top_k is None else best[:top_k], fused, scored)
+
+
 def rank(model: Model, inp: RankInput, store: StoreResult, fusion: fusion_mod.Fusion, top_k: int | None,
          reject_unknown: bool = False) -> Ranked:
-    """Score, fuse calibrated scores, order (stable: ties keep the request order). Runs in a worker thread."""
-    n = len(inp.item_ids)
-    scored = model.score(inp, store, reject_unknown)
-    fused = fusion({t: v.astype(np.float64) for t, v in scored.calibrated.items()}, n)  # [n]
-    order = np.argsort(-fused, kind="stable")
-    if top_k is not None:
-        order = order[:top_k]
-    return Ranked(order, fused, scored)
+    """Score and :func:`order_scored`: what /rank computes for a request, in one call (the handler splits it between the
+    event loop and its inference thread, ``service.api.rank_items``)."""
+    return order_scored(model.score(inp, store, reject_unknown), fusion, len(inp.item_ids), top_k)
