@@ -15,7 +15,7 @@ bundle and requests (medians; the variants interleaved):
    repetitions alternating (a) ``service.scorer.rank`` with the model loaded with ``onnx.fetch_gates=False``
    and (b) ``rank`` with the gates fetched + ``Observability.observe(model, scored, n, "default", served)``
    (``Observability(Metrics(), Settings(), "embedded")`` primed with ``on_slot("primary", model)``): what
-   ``service.api._rank_observed`` adds with monitoring on, minus the prediction log (written in both).
+   ``service.api._score_logged`` adds with monitoring on, minus the prediction log (written in both).
    ``observe`` only keeps references to the request's arrays; the counting happens in
    ``Observability.flush`` (a thread of the service, every second), which runs here once per
    ``FLUSH_EVERY`` "on" requests and is charged to them: its time divided by the requests is added to every

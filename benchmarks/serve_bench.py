@@ -9,8 +9,9 @@ baseline measured in the same run, on the same bundle and the same requests:
    temporary directory). This runs in a child process, so the measuring process never imports torch
    (like the service). A ``--workdir`` that already holds ``bundles/CURRENT`` is reused.
 2. **In-process** (onnxruntime intra-/inter-op threads fixed to 1): ``service.scorer.Model.load`` and
-   ``service.scorer.rank(model, inp, StoreResult(), fusion, top_k, reject)``, the function the /rank
-   handler runs in its executor, called as the handler calls it (``RankInput`` built from the body as
+   ``service.scorer.rank(model, inp, StoreResult(), fusion, top_k, reject)``, what the /rank handler computes
+   (encoding and fusion on its event loop, the graph run and calibration on its inference thread), called as the
+   handler would (``RankInput`` built from the body as
    ``service.rank_body.parse_rank`` reads it, the default fusion profile, an empty feature-store result) for 10, 100, 500 and 1000
    candidates whose features are drawn from the synthetic items. Reports total and per-stage medians
    (``Scored.timings``), p99, and the handler's other work on the same requests (body parsing, response
@@ -739,7 +740,7 @@ def render(meta: dict[str, Any], inproc: dict[str, Any] | None, http: dict[str, 
              "empty), default fusion profile, all candidates returned with task scores.", ""]
     if inproc is not None:
         sizes = inproc["sizes"]
-        lines += ["### In-process: `service.scorer.rank` (the /rank handler's executor function)", "",
+        lines += ["### In-process: `service.scorer.rank` (what the /rank handler computes, split between its event loop and inference thread)", "",
                   "`Model.load(bundle, OnnxSettings(intra_op_threads=1, inter_op_threads=1), FusionSettings())`, "
                   "**onnxruntime fixed to 1 intra-op and 1 inter-op thread**, the service's GC tuning applied "
                   "(`gc.freeze()`, gen-0 threshold 50 000); `rank(model, RankInput(...), StoreResult(), "
@@ -752,8 +753,9 @@ def render(meta: dict[str, Any], inproc: dict[str, Any] | None, http: dict[str, 
             lines.append(f"| {s['n']} | {s['reps']} | {ms(s['total']['median'])} | {ms(s['total']['p99'])} | "
                          f"{ms(s['features']['median'])} | {ms(s['inference']['median'])} | {ms(s['rest']['median'])} | "
                          f"{1e6 * s['total']['median'] / s['n']:.1f} |")
-        lines += ["", "The handler's other work on the same requests, same process (not in `rank()`; runs on the "
-                  "event loop): parsing = `service.rank_body.parse_rank` (what the handler does with the body), "
+        lines += ["", "The handler's other work on the same requests, same process (not in `rank()`; parsing and "
+                  "the response run on the event loop, the prediction log on the inference thread): parsing = "
+                  "`service.rank_body.parse_rank` (what the handler does with the body), "
                   "response = `service.rank_response.response_json`, prediction log = `JoinStore.put` (memory backend). "
                   "Medians in ms; the last column compares them with `rank()` itself.", "",
                   "| candidates | parse p50 | response p50 | prediction log p50 | (parse + response + log) / rank |",

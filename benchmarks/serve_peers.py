@@ -745,9 +745,9 @@ def render(meta: dict[str, Any], facts: dict[str, Any], http: dict[str, Any] | N
               "quiet** as above (the quiet run is the conservative one: under load a run takes more CPU, the other "
               "threads evicting its caches); event loop / executor / other "
               "threads = the server's CPU split by thread (/proc, the threads named by `service.threads`): the main "
-              "thread (HTTP, body parsing and validation, response building), the `mtrank-infer_*` executor threads "
-              "(features, inference, calibration, fusion, logs) and all others (statistics flush, monitor; onnxruntime's, "
-              "numpy's and uvloop's own threads). Under load the stages' wall time also "
+              "thread (HTTP, body parsing and validation, features, fusion, response building), the `mtrank-infer_*` "
+              "executor threads (inference, calibration, prediction log, statistics kept) and all others (statistics "
+              "flush, monitor; onnxruntime's, numpy's and uvloop's own threads). Under load the stages' wall time also "
               "holds waits for the GIL and the cores (the event loop, the second executor thread and the load "
               "generator compete), which is why the share outside the model takes CPU time, not the stage's wall "
               "time.", "",

@@ -83,7 +83,7 @@ class OnnxSettings(_S):
     # 0 = onnxruntime's default (all cores)
     intra_op_threads: CountOrAuto = "auto"
     inter_op_threads: int = Field(1, ge=0)
-    executor_threads: int = Field(2, gt=0)  # threads running encode + inference off the event loop
+    executor_threads: int = Field(2, gt=0)  # threads running inference (+ calibration, prediction log) off the loop
     allow_spinning: bool = False  # busy-wait in the thread pool: lower latency, burns CPU
     fetch_gates: bool = True  # also fetch gate outputs (observability hook)
     warmup_rounds: int = Field(3, ge=1)
