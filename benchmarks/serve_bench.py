@@ -498,6 +498,16 @@ def _env_pair(text: str) -> str:
     return text
 
 
+def ab_configs(args: argparse.Namespace, workdir: Path, trees: ExitStack) -> list[ServerConfig]:
+    """The two sides of ``--ab``: base (``args.ab``) and new (``args.ab_new``, None = the working tree), each a git
+    worktree of its revision held open by ``trees``, 1 worker, 1 intra-op thread, its ``--ab-env-*`` settings."""
+    env = {"MTRANK_ONNX__INTRA_OP_THREADS": "1"}
+    sides = (("base", args.ab, args.ab_env_base), ("new", args.ab_new, args.ab_env_new))
+    return [ServerConfig(key, " ".join([rev or "working tree", *extra]), 1, env | dict(e.split("=", 1) for e in extra),
+                         trees.enter_context(revision_tree(rev, workdir / f"tree-{key}")))
+            for key, rev, extra in sides]
+
+
 def run_ab(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workdir: Path,
            expect_items: int = HTTP_CANDIDATES) -> str:
     """``--ab BASE [--ab-new NEW]``: 1 worker, 1 intra-op thread, the two revisions alternating round by
@@ -505,12 +515,8 @@ def run_ab(bundles: Path, bodies: list[bytes], args: argparse.Namespace, workdir
     server CPU per request)."""
     bodies_path = workdir / "bodies-http.jsonl"
     bodies_path.write_bytes(b"\n".join(bodies) + b"\n")
-    env = {"MTRANK_ONNX__INTRA_OP_THREADS": "1"}
-    sides = (("base", args.ab, args.ab_env_base), ("new", args.ab_new, args.ab_env_new))
     with ExitStack() as trees:
-        cfgs = [ServerConfig(key, " ".join([rev or "working tree", *extra]), 1, env | dict(e.split("=", 1) for e in extra),
-                             trees.enter_context(revision_tree(rev, workdir / f"tree-{key}")))
-                for key, rev, extra in sides]
+        cfgs = ab_configs(args, workdir, trees)
         rounds = [[run_http_config(cfg, bundles, bodies_path, args, workdir, r, expect_items) for cfg in cfgs]
                   for r in range(args.rounds)]
 

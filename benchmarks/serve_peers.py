@@ -85,6 +85,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -537,21 +538,64 @@ def half_load(servers: dict[str, Server], saturation_rps: float, paths: Paths, a
     out: dict[str, Any] = {"rate": rate, "saturation_rps": saturation_rps}
     for arrivals in ARRIVALS:
         for key, server in servers.items():
-            path = paths.work / f"serve_peers-openloop-{arrivals}-{key}.json"
             log(f"half load: {key}, open loop, {arrivals} arrivals at {rate:.1f} req/s (closed-loop saturation "
                 f"{saturation_rps:.1f} req/s), n={TARGET_N}")
-            subprocess.run([sys.executable, __file__, "_openloop", "--port", str(server.port), "--bodies",
-                            str(paths.bodies(TARGET_N)), "--rate", str(rate), "--arrivals", arrivals, "--warmup",
-                            str(args.warmup), "--duration", str(2 * args.duration), "--out", str(path)],
-                           check=True, cwd=ROOT)
-            res = json.loads(path.read_text())
-            lat = res.pop("latencies")
-            res.update(p50=quantile(lat, 0.5), p90=quantile(lat, 0.9), p99=quantile(lat, 0.99),
-                       max=max(lat, default=float("nan")))
+            res = run_open_loop(server.port, paths.bodies(TARGET_N), rate, arrivals, args,
+                                paths.work / f"serve_peers-openloop-{arrivals}-{key}.json")
             log(f"half load, {key}, {arrivals}: {res['requests']} requests, p50 {ms(res['p50'])} ms, p99 "
                 f"{ms(res['p99'])} ms, p99 / p50 {res['p99'] / res['p50']:.2f}, errors {res['errors']}")
             out.setdefault(key, {})[arrivals] = res
     return out
+
+
+def run_open_loop(port: int, bodies: Path, rate: float, arrivals: str, args: argparse.Namespace, out: Path
+                  ) -> dict[str, Any]:
+    """One open-loop run (``_openloop``, a process of its own) against ``port``: ``args.warmup`` s, then
+    2 x ``args.duration`` s measured; its counts with p50, p90, p99 and max (seconds) in place of the latencies."""
+    subprocess.run([sys.executable, __file__, "_openloop", "--port", str(port), "--bodies", str(bodies), "--rate",
+                    str(rate), "--arrivals", arrivals, "--warmup", str(args.warmup), "--duration", str(2 * args.duration),
+                    "--out", str(out)], check=True, cwd=ROOT)
+    res = json.loads(out.read_text())
+    lat = res.pop("latencies")
+    res.update(p50=quantile(lat, 0.5), p90=quantile(lat, 0.9), p99=quantile(lat, 0.99), max=max(lat, default=float("nan")))
+    return res
+
+
+def ab_open_loop(bundles: Path, bodies: Path, args: argparse.Namespace, work: Path) -> str:
+    """``--ab`` with ``--ab-rate R``: the tail at a fixed load instead of the saturation req/s. Per round, each side's
+    server (``serve_bench.ab_configs``) gets evenly spaced arrivals at R req/s (``run_open_loop``), the sides
+    alternating; the report gives per round and as medians over rounds p50, p99 and p99 / p50, and the median of the
+    paired p99 ratios."""
+    table: list[list[dict[str, Any]]] = []
+    with ExitStack() as trees:
+        cfgs = serve_bench.ab_configs(args, work, trees)
+        for r in range(args.rounds):
+            row = []
+            for cfg in cfgs:
+                server = Server(cfg, bundles, work / f"server-{cfg.key}-{r}.log", work / f"prometheus-{cfg.key}-{r}")
+                try:
+                    server.wait_ready()
+                    res = run_open_loop(server.port, bodies, args.ab_rate, "uniform", args,
+                                        work / f"openloop-{cfg.key}-{r}.json")
+                finally:
+                    server.stop()
+                if res["errors"]:
+                    raise RuntimeError(f"{cfg.key} round {r}: {res['errors']} errors")
+                log(f"open loop {cfg.key} round {r}: {res['requests']} requests, p50 {ms(res['p50'])} ms, p99 "
+                    f"{ms(res['p99'])} ms, p99 / p50 {res['p99'] / res['p50']:.2f}")
+                row.append(res)
+            table.append(row)
+    lines = [f"round {r + 1}: " + "; ".join(f"{cfg.key} p50 {ms(x['p50'])} ms, p99 {ms(x['p99'])} ms, p99 / p50 "
+                                          f"{x['p99'] / x['p50']:.2f}" for cfg, x in zip(cfgs, row))
+             for r, row in enumerate(table)]
+    med = [{k: median([row[i][k] for row in table]) for k in ("p50", "p99")} for i in range(2)]
+    tail = [median([row[i]["p99"] / row[i]["p50"] for row in table]) for i in range(2)]
+    ratio = median([row[1]["p99"] / row[0]["p99"] for row in table])
+    lines.append(f"| {cfgs[0].label} → {cfgs[1].label} | {args.ab_rate:g} req/s | {ms(med[0]['p50'])} → "
+                 f"{ms(med[1]['p50'])} | {ms(med[0]['p99'])} → {ms(med[1]['p99'])} | **{tail[0]:.2f} → {tail[1]:.2f}** | "
+                 f"{ratio:.2f}× |  (evenly spaced arrivals; p50 ms, p99 ms, p99 / p50: medians of {args.rounds} rounds; "
+                 "the median paired p99 ratio new / base)")
+    return "\n".join(lines)
 
 
 async def open_loop(port: int, bodies: list[bytes], rate: float, warmup: float, duration: float,
@@ -808,6 +852,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--ab-new", metavar="REV", help="the other side of --ab (default: this working tree)")
     ap.add_argument("--ab-size", type=int, default=TARGET_N, help=f"candidates per request in --ab (default {TARGET_N})")
     ap.add_argument("--ab-columns", action="store_true", help="--ab sends the bodies with their candidates as columns")
+    ap.add_argument("--ab-rate", type=float, metavar="REQ_PER_S",
+                    help="--ab compares the tail instead: evenly spaced arrivals at this rate (open loop, 2 x --duration "
+                    "s measured), p50 / p99 per side")
     serve_bench.add_ab_env(ap)
     args = ap.parse_args(argv)
     q = args.quick
@@ -818,6 +865,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.gemm_runs = 0 if args.skip_inprocess else (20 if q else 200)
     if args.concurrency < 1 or args.rounds < 1 or args.duration <= 0 or args.bodies < PARITY_BODIES:
         ap.error(f"--concurrency, --rounds must be >= 1, --duration > 0, --bodies >= {PARITY_BODIES}")
+    if args.ab_rate is not None and (not args.ab or args.ab_rate <= 0):
+        ap.error("--ab-rate needs --ab and a rate > 0")
     if args.half_load and TARGET_N not in args.sizes:
         ap.error(f"--half-load needs {TARGET_N} in --sizes")
     return args
@@ -837,7 +886,11 @@ def main(argv: list[str]) -> int:
         schema = FittedSchema.from_dict(json.loads((paths.run / "schema.json").read_text()))
         write_bodies(paths, schema, args.sizes, args.bodies)
         if args.ab:
-            bodies = [b for b in paths.bodies(args.ab_size, args.ab_columns).read_bytes().split(b"\n") if b]
+            bodies_path = paths.bodies(args.ab_size, args.ab_columns)
+            if args.ab_rate:
+                print(ab_open_loop(paths.serving(args.ab_bundle), bodies_path, args, work))
+                return 0
+            bodies = [b for b in bodies_path.read_bytes().split(b"\n") if b]
             print(serve_bench.run_ab(paths.serving(args.ab_bundle), bodies, args, work, args.ab_size))
             return 0
         log("preparing: rechub export, parity" + (", GEMM rate, MACs" if args.gemm_runs else ""))
