@@ -291,7 +291,9 @@ class MonitoringSettings(_S):
     enabled: bool = True  # gate / calibration / drift / experiment counters per /rank
     window_s: float = Field(300.0, gt=0)  # sliding window of the routing checks, PSI and ECE
     interval_s: float = Field(5.0, gt=0)  # how often the window statistics are re-evaluated
-    flush_interval_s: float = Field(1.0, gt=0)  # per-request statistics reach the counters at least this often
+    # per-request statistics reach the counters at least this often; a shorter interval is a shorter flush, which holds
+    # the GIL while it counts (1 s at 120 req/s x 500 candidates: 60 000 candidates a flush; docs/benchmarks.md, half load)
+    flush_interval_s: float = Field(0.25, gt=0)
     min_candidates: int = Field(500, ge=1)  # fewer candidates in the window: routing checks and PSI not evaluated
     min_labels: int = Field(100, ge=1)  # fewer joined labels in the window: ECE not evaluated
     calibration_buckets: int = Field(10, ge=2, le=100)  # equal-width buckets of the served probability

@@ -119,6 +119,43 @@ def test_observe_many_equals_observe() -> None:
         assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want), name
 
 
+def test_a_flush_in_chunks_counts_what_one_flush_counts(base_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch counted chunk by chunk (``FLUSH_CHUNK_CANDIDATES``) leaves every counter where one pass over the whole
+    batch leaves it; the chunks cut the batch at request boundaries, in order, each of at least the chunk's
+    candidates but the last."""
+    from service import observe
+    from service.metrics import Metrics
+    from service.scorer import Model, Scored
+    from service.settings import FusionSettings, MonitoringSettings, OnnxSettings
+
+    model = Model.load(base_bundle, OnnxSettings(), FusionSettings())
+    rng = np.random.default_rng(0)
+
+    def scored(n: int) -> Scored:
+        p = {t: rng.random(n).astype(np.float32) for t in model.task_names}
+        gates = {g.output: rng.dirichlet(np.ones(len(g.experts)), n).astype(np.float32) for g in model.manifest.gates}
+        return Scored(p, {t: np.sqrt(v) for t, v in p.items()}, gates)
+
+    batch = [scored(n) for n in (50, 10, 70, 30, 30, 5, 90)]
+    sizes = [[len(sc.raw[model.task_names[0]]) for sc in chunk] for chunk in observe._chunks(batch, 60)]
+    assert sizes == [[50, 10], [70], [30, 30], [5, 90]]
+
+    def counters(chunk: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        monkeypatch.setattr(observe, "FLUSH_CHUNK_CANDIDATES", chunk)
+        metrics = Metrics()
+        stats = observe.ModelStats(model, metrics, MonitoringSettings())
+        for sc in batch:
+            stats.observe(sc, len(sc.raw[model.task_names[0]]))
+        stats.flush()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in metrics.registry.collect()
+                for s in f.samples if not s.name.endswith("_created")}
+
+    whole, chunked = counters(10**9), counters(60)
+    assert whole.keys() == chunked.keys()
+    assert any(k[0] == "mtrank_gate_weight_total" and v > 0 for k, v in whole.items())
+    assert all(chunked[k] == pytest.approx(v, abs=1e-9) for k, v in whole.items())
+
+
 @pytest.mark.parametrize("arch", ["mmoe", "ple"])
 def test_gate_counters_equal_the_onnx_gate_outputs(arch: str, tiny_run: Path, ple_run: Path, tmp_path: Path,
                                                    start_server: Any) -> None:
