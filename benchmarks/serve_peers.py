@@ -64,6 +64,11 @@ Usage (from the repository root; OPENBLAS_CORETYPE slows numpy on the benchmark 
 
     env -u OPENBLAS_CORETYPE python benchmarks/serve_peers.py --half-load            # full (~13 min), docs updated
     env -u OPENBLAS_CORETYPE python benchmarks/serve_peers.py --quick --workdir W    # smoke (~1 min), prints only
+    ... serve_peers.py --workdir W --ab REV [--ab-bundle int8]   # A/B of req/s against revision REV, prints only
+    ... serve_peers.py --workdir W --ab REV --ab-rate 120        # A/B of p50 / p99 at 120 req/s (open loop)
+
+The int8 verdict also states Amdahl's bound (``int8_ceiling``): the fp32 server's CPU outside the model stays, the
+model's shrinks to the int8 model's.
 
 Writes raw results to ``--out-json`` and (full runs, or ``--write-docs``) replaces the section between
 ``<!-- serve-peers:start -->`` and ``<!-- serve-peers:end -->`` in ``--docs`` (markers appended when missing).

@@ -207,7 +207,7 @@ async def rank_items(request: Request, svc: ServicesDep, model: ModelDep) -> Res
     inp = RankInput(req.user_id, req.context, item_ids, body.item_features, body.columns, body.columnar)
     # The request's Python runs here, on the event loop; the inference thread gets what runs without the GIL (the
     # graph) and what may block (the prediction log). Python on one thread, not two, is less GIL contention:
-    # 1.12x req/s with the int8 bundle, 1.04x with fp32 (docs/benchmarks.md, table of changes).
+    # 1.16x req/s with the int8 bundle, 1.10x with fp32 (docs/benchmarks.md, table of changes).
     t0 = clock()
     inputs = model.encode(inp, store, svc.settings.limits.unknown_features == "reject")
     t1 = clock()

@@ -15,7 +15,8 @@ requests since the last flush (one [N, m] array per gate, one [T, N] array per g
 
 Per request the cost is keeping a reference to the arrays; a flush (every
 ``monitoring.flush_interval_s`` on a thread of its own, and before ``/metrics`` or a window evaluation
-reads the counters) runs those numpy passes over everything kept since the last one and makes one
+reads the counters) runs those numpy passes over everything kept since the last one, in chunks of
+``FLUSH_CHUNK_CANDIDATES``, and makes one
 ``inc`` per (gate, expert) and non-empty bucket, so both are paid per second, not per request
 (docs/benchmarks.md measures /rank with and without). Nothing of it runs on the event loop.
 
@@ -60,7 +61,7 @@ def gate_labels(g: GateInfo) -> tuple[str, str]:
 
 MAX_PENDING_CANDIDATES = 100_000  # a request that brings the batch past this flushes it inline (bounds memory)
 # A flush counts its batch in chunks of about this many candidates: numpy's passes stay in the cache, and no single
-# call holds the GIL long (a 60 000-candidate batch in one piece took 25 ms, in 15 000-candidate chunks 11 ms).
+# call holds the GIL long (a 60 000-candidate batch took 25 ms in one piece, 10 ms in chunks of this size).
 FLUSH_CHUNK_CANDIDATES = 16_384
 
 
@@ -143,11 +144,12 @@ class ModelStats:
     """The counters of one loaded bundle.
 
     :meth:`observe` only keeps a reference to the request's output arrays (they are fresh per request
-    and never written after scoring); :meth:`flush` concatenates everything kept since the last flush
-    and counts it with a few numpy passes per group of gates or tasks, then one ``inc`` per (gate,
-    expert) and non-empty bucket. So a request pays an append, not numpy calls and counter updates
-    (a request's many small numpy calls contend for the GIL with the event loop), and the batch
-    passes run over large arrays, where numpy is efficient and releases the GIL.
+    and never written after scoring); :meth:`flush` concatenates what was kept since the last flush,
+    chunk by chunk (``FLUSH_CHUNK_CANDIDATES``), and counts each chunk with a few numpy passes per group of
+    gates or tasks, then one ``inc`` per (gate, expert) and non-empty bucket. So a request pays an append,
+    not numpy calls and counter updates (a request's many small numpy calls contend for the GIL with the
+    event loop), and the batch passes run over arrays large enough for numpy to be efficient and small
+    enough to stay in the cache and hold the GIL briefly.
     """
 
     def __init__(self, model: Model, metrics: Metrics, settings: MonitoringSettings) -> None:
