@@ -61,7 +61,7 @@ def gate_labels(g: GateInfo) -> tuple[str, str]:
 
 MAX_PENDING_CANDIDATES = 100_000  # a request that brings the batch past this flushes it inline (bounds memory)
 # A flush counts its batch in chunks of about this many candidates: numpy's passes stay in the cache, and no single
-# call holds the GIL long (a 60 000-candidate batch took 25 ms in one piece, 10 ms in chunks of this size).
+# call holds the GIL long (with the 0.25 s flush interval: the tail at half load, docs/benchmarks.md, table of changes).
 FLUSH_CHUNK_CANDIDATES = 16_384
 
 
