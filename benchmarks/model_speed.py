@@ -9,7 +9,7 @@ models (``benchmarks/production_model.py``: 26 categorical features x 16 dims + 
 * ``concat``  the formulation before it (x = [request broadcast, item] @ W), exported from the same weights with
   a subclass used only here (``Concatenated``);
 
-each fp32 and int8 (``model.export.quantize_int8``). Every session is ``mtrank.onnx_load.cpu_session`` with one
+each fp32 and int8 (``model.quantize.quantize_int8``). Every session is ``mtrank.onnx_load.cpu_session`` with one
 intra-op thread. The run first measures the machine's fp32 GEMM rate in ORT for the model's widest shape (a MatMul
 [B, I] x [I, 8 * 256]), then times every (model, graph, B) round-robin: warm-up, then ``--runs`` timed runs each,
 medians. Multiply-adds are counted from an ORT profile of each graph at each B (every MatMul / Gemm / Einsum node as
@@ -76,7 +76,8 @@ def prepare(arch: str, data: Path, work: Path, args: argparse.Namespace) -> dict
     """Train (unless a finished run is there and --retrain is off), export fp32 + int8 bundles and the concat graphs."""
     from model.data import Split
     from model.evaluate import to_tensors
-    from model.export import export_run, onnx_bytes, quantize_int8
+    from model.export import export_run, onnx_bytes
+    from model.quantize import quantize_int8
     from model.train import load_run, train
     from mtrank.bundle import read_manifest
     from mtrank.config import load_config

@@ -26,6 +26,7 @@ from model.calibrate import fit_calibration
 from model.data import Split
 from model.evaluate import gate_stats, predict, to_tensors
 from model.nets import ExportWrapper, MultiTaskRanker
+from model.quantize import quantize_int8
 from model.train import load_run
 from mtrank.bundle import (
     GOLDEN,
@@ -133,16 +134,6 @@ def score_histograms(names: list[str], scores: dict[str, np.ndarray], types: dic
         counts = np.bincount(bin_index(s, edges), minlength=len(edges) - 1)  # the service bins live scores alike
         hists[name] = Histogram(edges=edges.tolist(), counts=counts.tolist())
     return hists
-
-
-def quantize_int8(data: bytes) -> bytes:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(data)
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-        return dst.read_bytes()
 
 
 def export_run(run_dir: str | Path, bundles_dir: str | Path, version: str | None = None, activate: bool = True,

@@ -225,3 +225,28 @@ def test_int8_guard(tiny_run: Path, tmp_path: Path) -> None:
     assert m.quantization.mode == "int8"
     assert set(m.quantization.auc_delta) == {"ctr", "like", "ctcvr"}
     assert m.quantization.max_abs_diff is not None and m.quantization.max_abs_diff > 0
+
+
+def test_int8_rewrite_changes_no_output(arch_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    """``model.quantize``'s rewrite of ONNX Runtime's dynamic quantisation (quantise before the experts' reshaping,
+    the ReLU folded into the quantisation) gives the plain quantisation's outputs on the whole validation split, and
+    leaves no ReLU or data movement in float32 before a quantisation."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from model.data import Split
+    from model.quantize import MOVES, quantize_int8
+
+    run, bundle = arch_bundle
+    plain, early = tmp_path / "plain.onnx", tmp_path / "early.onnx"
+    quantize_dynamic(str(bundle / "model.onnx"), str(plain), weight_type=QuantType.QInt8)
+    early.write_bytes(quantize_int8((bundle / "model.onnx").read_bytes()))
+    inputs = Split.load(run / "val.npz").inputs
+    want, got = onnx_runner(plain)(inputs), onnx_runner(early)(inputs)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    graph = onnx.load(str(early)).graph
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    fed = [producer.get(n.input[0]) for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
+    assert not {"Relu", *MOVES} & set(fed), fed
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 1  # every architecture has a ReLU'd tower layer
