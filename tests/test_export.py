@@ -228,25 +228,32 @@ def test_int8_guard(tiny_run: Path, tmp_path: Path) -> None:
 
 
 def test_int8_rewrite_changes_no_output(arch_bundle: tuple[Path, Path], tmp_path: Path) -> None:
-    """``model.quantize``'s rewrite of ONNX Runtime's dynamic quantisation (quantise before the experts' reshaping,
-    the ReLU folded into the quantisation) gives the plain quantisation's outputs on the whole validation split, and
-    leaves no ReLU or data movement in float32 before a quantisation."""
+    """``model.quantize``'s rewrites of ONNX Runtime's dynamic quantisation (biases and the request part into the
+    int8 GEMMs; quantise before the experts' reshaping, the ReLU folded into the quantisation) give the plain
+    quantisation's outputs on the whole validation split, row-aligned and as one request's candidates, and leave no
+    ReLU or data movement in float32 before a quantisation, and no Add after an int8 GEMM."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from model.data import Split
-    from model.quantize import MOVES, quantize_int8
+    from model.quantize import MOVES, _Graph, _int8_gemm, quantize_int8
 
     run, bundle = arch_bundle
     plain, early = tmp_path / "plain.onnx", tmp_path / "early.onnx"
     quantize_dynamic(str(bundle / "model.onnx"), str(plain), weight_type=QuantType.QInt8)
     early.write_bytes(quantize_int8((bundle / "model.onnx").read_bytes()))
-    inputs = Split.load(run / "val.npz").inputs
-    want, got = onnx_runner(plain)(inputs), onnx_runner(early)(inputs)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    rows = Split.load(run / "val.npz").inputs  # row-aligned: every row its own request (the If's other branch)
+    served = {k: v[:1] if k.startswith("request") else v for k, v in rows.items()}  # one request, as /rank sends
+    for inputs in (rows, served) if any(k.startswith("item") for k in rows) else (rows,):
+        want, got = onnx_runner(plain)(inputs), onnx_runner(early)(inputs)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     graph = onnx.load(str(early)).graph
     producer = {out: n.op_type for n in graph.node for out in n.output}
     fed = [producer.get(n.input[0]) for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
     assert not {"Relu", *MOVES} & set(fed), fed
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 1  # every architecture has a ReLU'd tower layer
+    left = _Graph(onnx.load(str(early)))
+    assert not [n.name for n in left.nodes if n.op_type == "Add" and any(_int8_gemm(left, i) for i in n.input)]
+    if any(k.startswith("item") for k in rows):  # the split first layer: its request part through an If
+        assert "If" in {n.op_type for n in graph.node}

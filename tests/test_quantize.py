@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from model.quantize import quantize_early, quantize_int8
+from model.quantize import bias_into_gemm, quantize_early, quantize_int8
 
 EXPERTS, HIDDEN, OUT, IN = 2, 4, 3, 6
 
@@ -42,11 +42,11 @@ def _dynamic(data: bytes, tmp_path) -> bytes:
     return dst.read_bytes()
 
 
-def _run(data: bytes, x: np.ndarray) -> list[np.ndarray]:
+def _run(data: bytes, x: np.ndarray, **more: np.ndarray) -> list[np.ndarray]:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})
+    return sess.run(None, {"x": x, **more})
 
 
 def _ops(data: bytes) -> list[str]:
@@ -92,6 +92,39 @@ def test_nothing_to_rewrite_leaves_the_graph_alone(tmp_path) -> None:
                                            .SerializeToString(), tmp_path))
     before = model.SerializeToString()
     assert quantize_early(model) == 0 and model.SerializeToString() == before
+
+
+def _split_layer_graph() -> bytes:
+    """x [B, 6] @ W1 [6, 8] + request [R, 8] (R = 1 or B: the split first layer's request part) -> Relu -> @ W2
+    [8, 3] + b2 [3] -> y [B, 3]."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.normal(size=(IN, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(8, OUT)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(size=(OUT,)).astype(np.float32), "b2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["request", "h"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["o"]),
+             helper.make_node("Add", ["o", "b2"], ["y"])]
+    graph = helper.make_graph(nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", IN]),
+                                               helper.make_tensor_value_info("request", TensorProto.FLOAT, ["R", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", OUT])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+@pytest.mark.parametrize("rows", [1, 23], ids=["one-request", "row-aligned"])
+def test_biases_and_the_request_part_go_into_the_int8_gemms(tmp_path, rows: int) -> None:
+    """A constant bias becomes the GEMM's bias; the request part too when it is one row (the If's branch), and is
+    added after the GEMM when it has a row per candidate: the plain quantisation's numbers either way."""
+    data = _split_layer_graph()
+    rng = np.random.default_rng(6)
+    x, request = rng.normal(size=(23, IN)).astype(np.float32), rng.normal(size=(rows, 8)).astype(np.float32)
+    model = onnx.load_from_string(_dynamic(data, tmp_path))
+    assert bias_into_gemm(model) == 2
+    top = [n.op_type for n in model.graph.node]
+    assert "Add" not in top and "MatMulInteger" not in top and top.count("If") == 1
+    (want,), (got,) = _run(_dynamic(data, tmp_path), x, request=request), _run(model.SerializeToString(), x, request=request)
+    np.testing.assert_array_equal(got, want)
+    (early,) = _run(quantize_int8(data), x, request=request)  # both rewrites: the ReLU after the If folded
+    np.testing.assert_array_equal(early, want)
 
 
 def producer_op(graph: onnx.GraphProto, tensor: str) -> str | None:
