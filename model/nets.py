@@ -46,7 +46,8 @@ class ExtractionLevel(nn.Module):
     """One CGC level. Input: x [B, I] or a ``SplitInput`` (first level) or per-task inputs [T + 1, B, I]
     (last = shared).
 
-    Output: per-task outputs [T + 1, B, H] (the shared slot is filled when the level has a shared gate),
+    Output: per-task outputs [T + 1, B, H] with the shared slot when the level has a shared gate (every level but
+    the last), else [T, B, H] (nothing reads a shared slot after the last level),
     the gate weights {gate name: [B, m]} and the shared experts' outputs [n_shared, B, H] (or None).
 
     Task experts and shared experts are two batched MLPs, not one packed tensor, so that the
@@ -99,13 +100,11 @@ class ExtractionLevel(nn.Module):
             gates[self.gate_specs[k].name] = w
             chosen = experts if self.full_selection[k] else experts.index_select(0, getattr(self, f"sel{k}"))
             outs.append(mix(w, chosen))  # [B, H]
-        if self.shared_gate is not None:
+        if self.shared_gate is not None:  # every level but the last: the next level's shared experts read it
             w = self.shared_gate(gate_in[self.T])  # [B, n]
             gates[self.gate_specs[-1].name] = w
             outs.append(mix(w, experts))
-        else:
-            outs.append(torch.zeros_like(outs[0]))
-        return torch.stack(outs), gates, shared  # [T + 1, B, H]
+        return torch.stack(outs), gates, shared  # [T + 1, B, H]; the last level [T, B, H]
 
 
 @dataclass(frozen=True)
@@ -219,9 +218,9 @@ class MultiTaskRanker(nn.Module):
         else:
             h = x
             for lvl in self.levels:
-                h, g, shared = lvl(h)  # [T + 1, B, H], {gate: [B, m]}, [n_shared, B, H] or None
+                h, g, shared = lvl(h)  # [T + 1, B, H] ([T, B, H] from the last), {gate: [B, m]}, [n_shared, B, H]
                 gates.update(g)
-            reps = h[:T]  # [T, B, H]
+            reps = h  # [T, B, H]
         out = self.towers(reps).squeeze(-1)  # [T, B, 1] -> [T, B]
         scores: dict[str, torch.Tensor] = {}
         logits: dict[str, torch.Tensor] = {}
