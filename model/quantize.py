@@ -67,8 +67,8 @@ class _Graph:
         self.graph = model.graph
         self.nodes = list(self.graph.node)  # one list of the node objects: their ids below stay theirs
         self.producer = {out: node for node in self.nodes for out in node.output}
-        self.readers: dict[str, int] = {}
-        for name in [i for node in self.nodes for i in node.input] + [o.name for o in self.graph.output]:
+        self.readers: dict[str, int] = {}  # reads in subgraphs (an If's branches) count too
+        for name in [i for node in self.nodes for i in _reads(node)] + [o.name for o in self.graph.output]:
             self.readers[name] = self.readers.get(name, 0) + 1
         self.constants = {t.name: t for t in self.graph.initializer}
         self.replaced: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> the nodes in its place
@@ -89,13 +89,30 @@ class _Graph:
             if id(node) in self.replaced:
                 nodes.extend(self.replaced[id(node)])
             elif id(node) not in self.dropped:
-                for i, name in enumerate(node.input):
-                    node.input[i] = renamed.get(name, name)
+                _rename(node, renamed)
                 nodes.append(node)
         del self.graph.node[:]
         self.graph.node.extend(nodes)
         self.graph.initializer.extend(c for c in constants if c.name not in self.constants)
         return len(self.replaced)
+
+
+def _subgraph_nodes(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The nodes of ``node``'s subgraphs (an If's branches, a Loop's body), nested ones included."""
+    inner = [n for a in node.attribute for g in [*([a.g] if a.HasField("g") else []), *a.graphs] for n in g.node]
+    return inner + [m for n in inner for m in _subgraph_nodes(n)]
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors ``node`` reads, its subgraphs' reads included (a branch may read any tensor of the graph)."""
+    return [*node.input, *(i for n in _subgraph_nodes(node) for i in n.input)]
+
+
+def _rename(node: onnx.NodeProto, renamed: dict[str, str]) -> None:
+    """``node``'s inputs, and its subgraphs' nodes' inputs, renamed by ``renamed``."""
+    for n in [node, *_subgraph_nodes(node)]:
+        for i, name in enumerate(n.input):
+            n.input[i] = renamed.get(name, name)
 
 
 def bias_into_gemm(model: onnx.ModelProto) -> int:

@@ -127,5 +127,26 @@ def test_biases_and_the_request_part_go_into_the_int8_gemms(tmp_path, rows: int)
     np.testing.assert_array_equal(early, want)
 
 
+def test_a_folded_relu_feeding_an_if_branch(tmp_path) -> None:
+    """x @ W1 -> Relu -> @ W2 + request [R, 3]: the second GEMM becomes an If whose branches read the ReLU's
+    quantisation, which is then folded; the branches must read the folded zero point (renamed inside them too)."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.normal(size=(IN, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(8, OUT)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["o"]), helper.make_node("Add", ["o", "request"], ["y"])]
+    graph = helper.make_graph(nodes, "relu_if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", IN]),
+                                                 helper.make_tensor_value_info("request", TensorProto.FLOAT, ["R", OUT])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", OUT])], inits)
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    early = quantize_int8(data)
+    assert {"If", "QuantizeLinear"} <= set(_ops(early)) and "Relu" not in _ops(early)
+    x = rng.normal(size=(9, IN)).astype(np.float32)
+    for rows in (1, 9):
+        request = rng.normal(size=(rows, OUT)).astype(np.float32)
+        (want,), (got,) = _run(_dynamic(data, tmp_path), x, request=request), _run(early, x, request=request)
+        np.testing.assert_array_equal(got, want)
+
+
 def _producer_op(graph: onnx.GraphProto, tensor: str) -> str | None:
     return next((n.op_type for n in graph.node if tensor in n.output), None)
