@@ -126,7 +126,7 @@ def bias_into_gemm(model: onnx.ModelProto) -> int:
     inferred = onnx.shape_inference.infer_shapes(model).graph
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in [*inferred.input, *inferred.value_info] if v.type.tensor_type.HasField("shape")}
-    constants: list[onnx.TensorProto] = []
+    constants: list[onnx.TensorProto] = []  # each If's N
     for add in g.nodes:
         for k, product in enumerate(add.input if add.op_type == "Add" else ()):
             gemm = _int8_gemm(g, product)
@@ -150,8 +150,7 @@ def bias_into_gemm(model: onnx.ModelProto) -> int:
                                       domain=CONTRIB),
                      helper.make_node("Add", [f"{out}_product", addend], [f"{out}_else"], name=f"{out}_else")],
                     f"{out}_else", [], [helper.make_tensor_value_info(f"{out}_else", onnx.TensorProto.FLOAT, None)])
-                constants += [numpy_helper.from_array(np.array(n, dtype=np.int64), f"{out}_n")] + \
-                    ([] if constants else [numpy_helper.from_array(np.array([-1], dtype=np.int64), _FLAT)])
+                constants.append(numpy_helper.from_array(np.array(n, dtype=np.int64), f"{out}_n"))
                 new = [helper.make_node("Size", [addend], [size], name=size),
                        helper.make_node("Equal", [size, f"{out}_n"], [is_bias], name=is_bias),
                        helper.make_node("If", [is_bias], [out], name=out, then_branch=then, else_branch=other)]
@@ -162,6 +161,8 @@ def bias_into_gemm(model: onnx.ModelProto) -> int:
             break
     if g.replaced and not any(o.domain == CONTRIB for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CONTRIB, 1))
+    if constants:  # an If was made: its branch reshapes the addend with [-1]
+        constants.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), _FLAT))
     return g.commit({}, constants)
 
 

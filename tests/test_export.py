@@ -244,16 +244,15 @@ def test_int8_rewrite_changes_no_output(arch_bundle: tuple[Path, Path], tmp_path
     early.write_bytes(quantize_int8((bundle / "model.onnx").read_bytes()))
     rows = Split.load(run / "val.npz").inputs  # row-aligned: every row its own request (the If's other branch)
     served = {k: v[:1] if k.startswith("request") else v for k, v in rows.items()}  # one request, as /rank sends
-    for inputs in (rows, served) if any(k.startswith("item") for k in rows) else (rows,):
+    split = any(k.startswith("item") for k in rows)  # the split first layer: its request part through an If
+    for inputs in (rows, served) if split else (rows,):
         want, got = onnx_runner(plain)(inputs), onnx_runner(early)(inputs)
         for name in want:
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    graph = onnx.load(str(early)).graph
-    producer = {out: n.op_type for n in graph.node for out in n.output}
-    fed = [producer.get(n.input[0]) for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
+    g = _Graph(onnx.load(str(early)))
+    ops = [n.op_type for n in g.nodes]
+    fed = [g.producer[n.input[0]].op_type for n in g.nodes if n.op_type == "DynamicQuantizeLinear" and n.input[0] in g.producer]
     assert not {"Relu", *MOVES} & set(fed), fed
-    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 1  # every architecture has a ReLU'd tower layer
-    left = _Graph(onnx.load(str(early)))
-    assert not [n.name for n in left.nodes if n.op_type == "Add" and any(_int8_gemm(left, i) for i in n.input)]
-    if any(k.startswith("item") for k in rows):  # the split first layer: its request part through an If
-        assert "If" in {n.op_type for n in graph.node}
+    assert ops.count("QuantizeLinear") >= 1  # every architecture has a ReLU'd tower layer
+    assert not [n.name for n in g.nodes if n.op_type == "Add" and any(_int8_gemm(g, i) for i in n.input)]
+    assert ("If" in ops) == split
