@@ -15,7 +15,7 @@ Python loop over rows or groups (1M rows in 100k string-keyed groups take well u
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -340,16 +340,20 @@ def dead_expert_threshold(n_experts: int, fraction: float = DEAD_EXPERT_FRACTION
     return fraction / n_experts
 
 
-def normalised_entropy(w: np.ndarray) -> np.ndarray:
-    """Entropy of each row of weights [..., m] divided by ``ln m``: [...] in [0, 1] (1 = uniform; 0 when m = 1).
+def normalised_entropy(w: np.ndarray, axis: Literal[0, -1] = -1) -> np.ndarray:
+    """Entropy of each distribution of weights along ``axis`` divided by ``ln m`` (m its length): in [0, 1] (1 =
+    uniform; 0 when m = 1), the other axes' shape. ``axis=-1``: rows of [..., m]; ``axis=0``: columns of [m, ...].
 
-    Computed in ``w``'s float type (float32 stays float32); the sum over the short last axis is an ``einsum``,
-    much faster than a reduction over it and, unlike a matrix-vector product, never on BLAS's thread pool."""
-    m = w.shape[-1]
+    Computed in ``w``'s float type (float32 stays float32); the sum over a short last axis is an ``einsum``, much
+    faster than a reduction over it and, unlike a matrix-vector product, never on BLAS's thread pool; over axis 0 it
+    is m contiguous adds."""
+    m = w.shape[axis]
+    out_shape = w.shape[:-1] if axis == -1 else w.shape[1:]
     if m < 2:
-        return np.zeros(w.shape[:-1], dtype=w.dtype)
+        return np.zeros(out_shape, dtype=w.dtype)
     x = np.maximum(w, w.dtype.type(1e-12))
-    return np.einsum("...m->...", x * np.log(x)) * x.dtype.type(-1.0 / np.log(m))
+    x *= np.log(x)
+    return (np.einsum("...m->...", x) if axis == -1 else x.sum(axis=0)) * x.dtype.type(-1.0 / np.log(m))
 
 
 # ------------------------------------------------------------------------------- reports

@@ -65,17 +65,15 @@ MAX_PENDING_CANDIDATES = 100_000  # a request that brings the batch past this fl
 FLUSH_CHUNK_CANDIDATES = 16_384
 
 
-def top1_counts(w: np.ndarray) -> np.ndarray:
-    """Rows of ``w`` [N, m] whose largest value is in column j (ties go to the first): int64 [m].
-
-    Column by column (m passes over [N]) rather than ``argmax(axis=1)``, which is slow over a short axis."""
-    best = w[:, 0].copy()
-    for j in range(1, w.shape[1]):
-        np.maximum(best, w[:, j], out=best)
-    taken = np.zeros(len(w), dtype=bool)
-    counts = np.zeros(w.shape[1], dtype=np.int64)
-    for j in range(w.shape[1]):
-        hit = (w[:, j] == best) & ~taken
+def top1_counts(wt: np.ndarray) -> np.ndarray:
+    """Columns of ``wt`` [m, N] (one gate's weights, expert-major) whose largest value is in row j (ties go to the
+    first): int64 [m]. Row by row: m contiguous passes over [N]."""
+    best = wt.max(axis=0)  # [N]
+    taken = np.zeros(wt.shape[1], dtype=bool)
+    counts = np.zeros(wt.shape[0], dtype=np.int64)
+    for j in range(wt.shape[0]):
+        hit = wt[j] == best
+        hit &= ~taken
         counts[j] = np.count_nonzero(hit)
         taken |= hit
     return counts
@@ -99,16 +97,19 @@ class _Gate:
         parts = [g[self.output] for g in batch if self.output in g]
         if not parts:
             return
-        w = np.concatenate(parts)  # [N, m] float32
-        w64 = w.astype(np.float64)
-        # einsum, not ``@``: numpy's BLAS would run these on its thread pool, whose threads then spin for a while,
-        # burning the cores the requests need (about 0.9 ms of CPU per 500-candidate request, docs/benchmarks.md).
-        # Each row's weights are divided by their sum, so the weights of a gate add up to exactly its candidates.
-        inv = 1.0 / np.einsum("nm->n", w64)  # [N]
-        sums = np.einsum("n,nm->m", inv, w64).tolist()  # [m]
-        ent = normalised_entropy(w)  # [N] float32
-        self.candidates.inc(len(w))
-        for j, (s_, c) in enumerate(zip(sums, top1_counts(w).tolist())):
+        # Expert-major [m, N] (written through ``out``: concatenating the transposes alone keeps their column-major
+        # order): every pass below runs over contiguous rows of N, not over rows of m values (a gate's flush 0.74x
+        # the time, docs/benchmarks.md, table of changes).
+        wt = np.concatenate([p.T for p in parts], axis=1,
+                            out=np.empty((self.m, sum(len(p) for p in parts)), dtype=np.float32))  # [m, N]
+        # Sums in float64, each candidate's weights divided by their sum, so a gate's weights add up to exactly its
+        # candidates. einsum, not ``@``: numpy's BLAS would run it on its thread pool, whose threads then spin for a
+        # while, burning the cores the requests need (about 0.9 ms of CPU per 500-candidate request).
+        inv = 1.0 / wt.sum(axis=0, dtype=np.float64)  # [N]
+        sums = np.einsum("mn,n->m", wt, inv).tolist()  # [m]
+        ent = normalised_entropy(wt, axis=0)  # [N] float32
+        self.candidates.inc(wt.shape[1])
+        for j, (s_, c) in enumerate(zip(sums, top1_counts(wt).tolist())):
             self.weight[j].inc(s_)
             if c:
                 self.top1[j].inc(c)
@@ -129,8 +130,8 @@ class _Binned:
         if not batch:
             return
         T, B = len(self.tasks), len(self.edges) - 1
-        p = np.concatenate([np.stack([(sc.calibrated if self.calibrated else sc.raw)[t] for t in self.tasks])
-                            for sc in batch], axis=1).astype(np.float64)  # [T, N]
+        p = np.stack([np.concatenate([(sc.calibrated if self.calibrated else sc.raw)[t] for sc in batch])
+                      for t in self.tasks]).astype(np.float64)  # [T, N]
         flat = (bin_index(p, self.edges) + self.row).ravel()
         count = np.bincount(flat, minlength=T * B).reshape(T, B)
         total = None if self.sums is None else np.bincount(flat, weights=p.ravel(), minlength=T * B).reshape(T, B)

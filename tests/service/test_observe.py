@@ -119,6 +119,22 @@ def test_observe_many_equals_observe() -> None:
         assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want), name
 
 
+def test_top1_counts_and_entropy_over_the_expert_major_layout() -> None:
+    """The flush's passes over [m, N]: top-1 counts as ``argmax`` gives them (ties to the first expert) and the
+    normalised entropy of each column as scipy gives it, also where weights tie or are 0."""
+    from mtrank.metrics import normalised_entropy
+    from service.observe import top1_counts
+
+    w = np.random.default_rng(1).dirichlet(np.ones(5), 300).astype(np.float32)  # [N, m]
+    w[:40] = np.float32(0.2)  # all five tie: expert 0 takes them
+    w[40:60] = [0.5, 0.0, 0.5, 0.0, 0.0]  # a tie between 0 and 2, zeros
+    wt = np.ascontiguousarray(w.T)
+    assert top1_counts(wt).tolist() == np.bincount(w.argmax(axis=1), minlength=5).tolist()
+    want = scipy_entropy(w.astype(np.float64).T) / math.log(5)
+    assert normalised_entropy(wt, axis=0) == pytest.approx(want, abs=1e-6)
+    assert normalised_entropy(w) == pytest.approx(want, abs=1e-6)
+
+
 def test_a_flush_in_chunks_counts_what_one_flush_counts(base_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch counted chunk by chunk (``FLUSH_CHUNK_CANDIDATES``) leaves every counter where one pass over the whole
     batch leaves it; the chunks cut the batch at request boundaries, in order, each of at least the chunk's
