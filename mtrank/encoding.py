@@ -1,4 +1,4 @@
-"""Feature encoding shared by the trainer and the service (numpy only, no torch, no pandas).
+"""Feature encoding shared by the trainer and the service (numpy and the C hash ``mtrank._fnv``; no torch, no pandas).
 
 Raw values become two arrays per side (``request`` = user + context features, ``item``):
 
@@ -23,15 +23,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-FNV_PRIME = np.uint64(0x100000001B3)
+from mtrank import _fnv
 
 SIDES: dict[str, tuple[str, ...]] = {"request": ("user", "context"), "item": ("item",)}
 Group = Literal["request", "item"]
 
 
-def fnv1a64(values: np.ndarray) -> np.ndarray:
-    """FNV-1a 64-bit hash of each string's UTF-8 bytes; vectorised over unique values.
+def fnv1a64(values: np.ndarray | Sequence[str]) -> np.ndarray:
+    """FNV-1a 64-bit hash of each string's UTF-8 bytes: uint64 with the shape of ``values`` (``mtrank._fnv``).
 
     Stable across processes and platforms (unlike ``hash()``), reproducible in any language. A lone
     UTF-16 surrogate (which JSON's ``\\ud800`` escape can produce, but UTF-8 cannot encode) hashes as
@@ -40,62 +39,29 @@ def fnv1a64(values: np.ndarray) -> np.ndarray:
     strings at validation (422), so this is the backstop for values that reach the encoder otherwise
     (e.g. feature-store rows).
     """
-    values = np.asarray(values, dtype=str)
-    if values.size == 0:
-        return np.zeros(values.shape, dtype=np.uint64)
-    if values.size > _UNIQUE_FROM:  # a training column: hash each distinct value once (sorting costs less)
-        uniq, inverse = np.unique(values, return_inverse=True)
-    else:  # a request's column: sorting would cost more than hashing repeats
-        uniq, inverse = values.ravel(), None
-    points = uniq.view(np.uint32).reshape(len(uniq), -1)  # code points [u, w], zero padded
-    if points.size and points.max() < 0x80:  # ASCII (the common case): the UTF-8 bytes are the code points
-        mat, lengths = points, np.char.str_len(uniq)
-    else:
-        raw = np.char.encode(uniq, "utf-8", "surrogatepass")  # dtype S{w}, zero padded (a Python call per value)
-        mat = np.frombuffer(raw.tobytes(), dtype=np.uint8).reshape(len(uniq), raw.dtype.itemsize)
-        lengths = np.char.str_len(raw)
-    width = int(lengths.max())  # not the dtype width: astype(str) of int64 pads to 21
-    h = np.full(len(uniq), FNV_OFFSET, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(width):  # loop over byte positions, vectorised over values
-            active = lengths > j
-            h = np.where(active, (h ^ mat[:, j].astype(np.uint64)) * FNV_PRIME, h)
-    return (h if inverse is None else h[inverse]).reshape(values.shape)
-
-
-_UNIQUE_FROM = 1 << 16
-_POW10 = np.array([10**k for k in range(20)], dtype=np.uint64)  # 10**19 < 2**64
+    values = np.ascontiguousarray(values, dtype=str)
+    out = np.empty(values.shape, dtype=np.uint64)
+    if values.size:
+        flat = values.reshape(-1)  # unicode [n], each value zero-padded to the dtype's width
+        _fnv.ucs4(flat.view(np.uint32), flat.dtype.itemsize // 4, out.reshape(-1))
+    return out
 
 
 def fnv1a64_decimal(x: np.ndarray) -> np.ndarray:
     """int64 [...] -> uint64 [...]: ``fnv1a64`` of each value's decimal string (``str(int(v))``: ``-`` then the
-    digits, no leading zeros), computed without making strings: values in [0, 2**16) (most categorical codes) from a
-    table of their hashes, the others from their digits."""
-    x = np.asarray(x, dtype=np.int64)
-    small = (x >= 0) & (x < len(_SMALL_HASHES))
-    if small.all():
-        return _SMALL_HASHES[x]
-    h = np.empty(x.shape, dtype=np.uint64)
-    h[small] = _SMALL_HASHES[x[small]]
-    h[~small] = _decimal_digits_hash(x[~small])
-    return h
+    digits, no leading zeros), computed without making strings (``mtrank._fnv``)."""
+    x = np.ascontiguousarray(x, dtype=np.int64)
+    out = np.empty(x.shape, dtype=np.uint64)
+    _fnv.decimal(x.reshape(-1), out.reshape(-1))
+    return out
 
 
-def _decimal_digits_hash(x: np.ndarray) -> np.ndarray:
-    """``fnv1a64_decimal`` digit by digit, vectorised over the values (int64 [n])."""
-    neg = x < 0
-    a = np.where(neg, -(x + 1), x).astype(np.uint64) + neg  # |x|, also for -2**63
-    digits = np.maximum(np.searchsorted(_POW10, a, side="right"), 1)  # 10**(d-1) <= a < 10**d
-    h = np.full(x.shape, FNV_OFFSET, dtype=np.uint64)  # uint64 array arithmetic wraps silently (no errstate needed)
-    if neg.any():
-        h = np.where(neg, (h ^ np.uint64(ord("-"))) * FNV_PRIME, h)
-    for k in range(int(digits.max(initial=1)) - 1, -1, -1):  # the digit of 10**k, most significant first
-        digit = (a // _POW10[k]) % np.uint64(10) + np.uint64(ord("0"))
-        h = np.where(digits > k, (h ^ digit) * FNV_PRIME, h)  # values with fewer digits skip leading positions
-    return h
+def fnv1a64_text(s: str) -> int:
+    """``fnv1a64`` of one string, without an array (a single key: the experiment arms' buckets)."""
+    return _fnv.text(s.encode("utf-8", "surrogatepass"))
 
 
-_SMALL_HASHES = _decimal_digits_hash(np.arange(1 << 16, dtype=np.int64))  # 512 KiB, a few ms at import
+_ONE_CALL_UP_TO = 1 << 16  # hash_columns: text columns of up to this many values together are hashed in one call
 
 
 def hash_columns(columns: Sequence[Sequence[Any] | np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +76,7 @@ def hash_columns(columns: Sequence[Sequence[Any] | np.ndarray], n: int) -> tuple
     missing = np.zeros((len(columns), n), dtype=bool)
     if ints:
         hashes[ints] = fnv1a64_decimal(np.stack(list(as_ints.values())))
-    if texts and n * len(texts) <= _UNIQUE_FROM:  # a request's columns: one call for all
+    if texts and n * len(texts) <= _ONE_CALL_UP_TO:  # a request's columns: one call for all
         canonical = [canonical_strings(columns[k]) for k in texts]
         hashes[texts] = fnv1a64(np.concatenate([strings for strings, _ in canonical])).reshape(len(texts), n)
         missing[texts] = [m for _, m in canonical]

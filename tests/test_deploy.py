@@ -199,10 +199,13 @@ def test_images_run_as_a_non_root_user(path: Path) -> None:
     assert user is not None and user.split(":")[0] not in ("root", "0"), f"{path.name}: USER {user}"
 
 
-def test_serving_image_builds_the_c_extension_for_its_python() -> None:
-    """service._rankjson is optional at install (no compiler: the Python path), so the image must bring one: the build
-    stage is the full python image (gcc), of the final stage's exact Python version, which gets the built venv."""
-    froms = dockerfile(SERVE_DOCKERFILE).all("FROM")
+@pytest.mark.parametrize("path", [SERVE_DOCKERFILE, TRAIN_DOCKERFILE], ids=lambda p: p.name)
+def test_images_build_the_c_extensions_for_their_python(path: Path) -> None:
+    """mtrank._fnv is required (the install fails without a compiler) and service._rankjson optional (no compiler:
+    the Python path), so each image must bring one: the build stage is the full python image (gcc), of the final
+    stage's exact Python version, which gets the built venv."""
+    froms = dockerfile(path).all("FROM")
+    assert len(froms) == 2 and "AS build" in froms[0] and "--from=build" in " ".join(dockerfile(path).all("COPY")), froms
     build, final = (re.match(r"python:(\S+?)-(\S+)", args.split()[0]) for args in (froms[0], froms[-1]))
     assert build and final and build[1] == final[1], froms
     assert "slim" not in build[2] and "alpine" not in build[2], f"the build stage needs a C compiler: {froms[0]}"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from mtrank.encoding import (
     FeatureEncoder,
@@ -44,6 +45,26 @@ def test_fnv1a64_hashes_lone_surrogates_as_surrogatepass_bytes() -> None:
     enc = FeatureEncoder(_schema())
     out = enc.encode("item", {"tags": [["\ud800", "x"], "y|\udc00"]}, 2)["item_ids"]
     assert (out[:, :2] > 0).all()
+
+
+def test_fnv1a64_equals_the_reference_on_random_strings() -> None:
+    """The C hash (``mtrank._fnv``) against the byte-by-byte reference: code points of 1 to 4 UTF-8 bytes, interior
+    NULs, strings of many widths in one array, a 2-D shape, and a column past the size hashed without the GIL."""
+    from mtrank import _fnv
+
+    rng = np.random.default_rng(3)
+    alphabet = ["a", "Z", "0", "\x00", "é", "ß", "☃", "中", "\ud800", "\udfff", "😀", "\U0010ffff", "-", " "]
+    values = ["".join(rng.choice(alphabet, rng.integers(0, 12))).rstrip("\x00") for _ in range(3000)]
+    want = [_fnv_reference(v.encode("utf-8", "surrogatepass")) for v in values]
+    assert fnv1a64(np.array(values)).tolist() == want
+    assert fnv1a64(np.array(values).reshape(60, 50)).reshape(-1).tolist() == want
+    big = [f"user-{i}" for i in range(70_000)]  # > 2**16: hashed with the GIL released
+    assert fnv1a64(np.array(big))[[0, 65_536, 69_999]].tolist() == [_fnv_reference(big[i].encode()) for i in (0, 65_536, 69_999)]
+    assert fnv1a64(np.array([], dtype=str)).shape == (0,)
+    with pytest.raises(ValueError, match="code points"):
+        _fnv.ucs4(np.zeros(6, dtype=np.uint32), 4, np.empty(2, dtype=np.uint64))  # 6 points are not 2 strings of 4
+    with pytest.raises(TypeError, match="items of 8 bytes"):
+        _fnv.decimal(np.zeros(3, dtype=np.int32), np.empty(3, dtype=np.uint64))
 
 
 def test_integers_hash_from_their_digits_as_their_decimal_strings() -> None:
