@@ -29,6 +29,17 @@
 #define FNV_PRIME 0x100000001B3ULL
 #define GIL_FREE_FROM 65536
 
+/* `call` with the GIL released when it covers more than GIL_FREE_FROM values, else holding it. */
+#define MAYBE_WITHOUT_GIL(n, call)                                                                                   \
+    do {                                                                                                             \
+        if ((n) > GIL_FREE_FROM) {                                                                                   \
+            Py_BEGIN_ALLOW_THREADS call;                                                                             \
+            Py_END_ALLOW_THREADS                                                                                     \
+        } else {                                                                                                     \
+            call;                                                                                                    \
+        }                                                                                                            \
+    } while (0)
+
 static inline uint64_t fnv_byte(uint64_t h, unsigned char b) { return (h ^ b) * FNV_PRIME; }
 
 /* One code point's UTF-8 bytes (surrogates encoded like any other code point below U+10000) into the hash. */
@@ -83,74 +94,69 @@ static void hash_decimal(const int64_t *values, Py_ssize_t n, uint64_t *out) {
 }
 
 /* The buffer of `obj`, C-contiguous (writable when asked), with items of `itemsize` bytes; 0 with an error set. */
-static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, int writable, const char *what) {
+static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, int writable, const char *fn, const char *arg) {
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
         return 0;
     if (view->itemsize != itemsize) {
-        PyErr_Format(PyExc_TypeError, "%s: items of %zd bytes expected, got %zd", what, itemsize, view->itemsize);
+        PyErr_Format(PyExc_TypeError, "%s %s: items of %zd bytes expected, got %zd", fn, arg, itemsize, view->itemsize);
         PyBuffer_Release(view);
         return 0;
     }
     return 1;
 }
 
-static PyObject *ucs4(PyObject *self, PyObject *args) {
-    PyObject *points_obj, *out_obj;
-    Py_ssize_t width;
-    if (!PyArg_ParseTuple(args, "OnO:ucs4", &points_obj, &width, &out_obj))
-        return NULL;
-    if (width < 1)
-        return PyErr_Format(PyExc_ValueError, "ucs4: width must be >= 1, got %zd", width);
-    Py_buffer points, out;
-    if (!get_buffer(points_obj, &points, 4, 0, "ucs4 points"))
-        return NULL;
-    if (!get_buffer(out_obj, &out, 8, 1, "ucs4 out")) {
-        PyBuffer_Release(&points);
-        return NULL;
+/* A hashing call's input (items of `in_size` bytes) and output (uint64) buffers; 0 with an error set. */
+static int get_in_out(PyObject *in_obj, Py_buffer *in, Py_ssize_t in_size, PyObject *out_obj, Py_buffer *out,
+                      const char *fn) {
+    if (!get_buffer(in_obj, in, in_size, 0, fn, "input"))
+        return 0;
+    if (!get_buffer(out_obj, out, 8, 1, fn, "out")) {
+        PyBuffer_Release(in);
+        return 0;
     }
-    Py_ssize_t n = out.len / 8;
-    if (points.len / 4 != n * width) {
-        PyErr_Format(PyExc_ValueError, "ucs4: %zd code points for %zd strings of width %zd", points.len / 4, n, width);
-    } else if (n > GIL_FREE_FROM) {
-        Py_BEGIN_ALLOW_THREADS
-        hash_ucs4((const uint32_t *)points.buf, width, n, (uint64_t *)out.buf);
-        Py_END_ALLOW_THREADS
-    } else {
-        hash_ucs4((const uint32_t *)points.buf, width, n, (uint64_t *)out.buf);
-    }
-    PyBuffer_Release(&points);
-    PyBuffer_Release(&out);
+    return 1;
+}
+
+/* Releases both buffers: None, or NULL when the call set an error. */
+static PyObject *done(Py_buffer *in, Py_buffer *out) {
+    PyBuffer_Release(in);
+    PyBuffer_Release(out);
     if (PyErr_Occurred())
         return NULL;
     Py_RETURN_NONE;
 }
 
+static PyObject *ucs4(PyObject *self, PyObject *args) {
+    PyObject *points_obj, *out_obj;
+    Py_ssize_t width;
+    Py_buffer points, out;
+    if (!PyArg_ParseTuple(args, "OnO:ucs4", &points_obj, &width, &out_obj))
+        return NULL;
+    if (width < 1)
+        return PyErr_Format(PyExc_ValueError, "ucs4: width must be >= 1, got %zd", width);
+    if (!get_in_out(points_obj, &points, 4, out_obj, &out, "ucs4"))
+        return NULL;
+    Py_ssize_t n = out.len / 8;
+    if (points.len / 4 != n * width)
+        PyErr_Format(PyExc_ValueError, "ucs4: %zd code points for %zd strings of width %zd", points.len / 4, n, width);
+    else
+        MAYBE_WITHOUT_GIL(n, hash_ucs4((const uint32_t *)points.buf, width, n, (uint64_t *)out.buf));
+    return done(&points, &out);
+}
+
 static PyObject *decimal(PyObject *self, PyObject *args) {
     PyObject *values_obj, *out_obj;
+    Py_buffer values, out;
     if (!PyArg_ParseTuple(args, "OO:decimal", &values_obj, &out_obj))
         return NULL;
-    Py_buffer values, out;
-    if (!get_buffer(values_obj, &values, 8, 0, "decimal values"))
+    if (!get_in_out(values_obj, &values, 8, out_obj, &out, "decimal"))
         return NULL;
-    if (!get_buffer(out_obj, &out, 8, 1, "decimal out")) {
-        PyBuffer_Release(&values);
-        return NULL;
-    }
     Py_ssize_t n = values.len / 8;
-    if (out.len / 8 != n) {
+    if (out.len / 8 != n)
         PyErr_Format(PyExc_ValueError, "decimal: %zd values, room for %zd hashes", n, out.len / 8);
-    } else if (n > GIL_FREE_FROM) {
-        Py_BEGIN_ALLOW_THREADS
-        hash_decimal((const int64_t *)values.buf, n, (uint64_t *)out.buf);
-        Py_END_ALLOW_THREADS
-    } else {
-        hash_decimal((const int64_t *)values.buf, n, (uint64_t *)out.buf);
-    }
-    PyBuffer_Release(&values);
-    PyBuffer_Release(&out);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_RETURN_NONE;
+    else
+        MAYBE_WITHOUT_GIL(n, hash_decimal((const int64_t *)values.buf, n, (uint64_t *)out.buf));
+    return done(&values, &out);
 }
 
 static PyObject *text(PyObject *self, PyObject *arg) {

@@ -98,8 +98,8 @@ class _Gate:
         if not parts:
             return
         # Expert-major [m, N] (written through ``out``: concatenating the transposes alone keeps their column-major
-        # order): every pass below runs over contiguous rows of N, not over rows of m values (a gate's flush 0.74x
-        # the time, docs/benchmarks.md, table of changes).
+        # order): every pass below runs over contiguous rows of N, not over rows of m values (a gate's flush in 0.74x
+        # the time: docs/benchmarks.md, "What is left outside the model").
         wt = np.concatenate([p.T for p in parts], axis=1,
                             out=np.empty((self.m, sum(len(p) for p in parts)), dtype=np.float32))  # [m, N]
         # Sums in float64, each candidate's weights divided by their sum, so a gate's weights add up to exactly its
