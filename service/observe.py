@@ -156,7 +156,8 @@ class ModelStats:
     def __init__(self, model: Model, metrics: Metrics, settings: MonitoringSettings) -> None:
         self.version = model.version
         m = metrics
-        self._lock = Lock()
+        self._lock = Lock()  # the pending batch (held for an append or a swap)
+        self._flushing = Lock()  # one flush at a time (held while a batch is counted)
         self._pending: list[Scored] = []
         self._pending_n = 0
         self.gates = [_Gate(g, metrics) for g in model.manifest.gates]
@@ -197,15 +198,20 @@ class ModelStats:
             self.flush()
 
     def flush(self) -> None:
-        """Count every request kept since the last flush into the counters (thread-safe)."""
-        with self._lock:
-            batch, self._pending, self._pending_n = self._pending, [], 0
-        for chunk in _chunks(batch, FLUSH_CHUNK_CANDIDATES):
-            gates = [sc.gates for sc in chunk]
-            for gate in self.gates:
-                gate.flush(gates)
-            for binned in self.binned:
-                binned.flush(chunk)
+        """Count every request kept before the call into the counters; on return they hold it all (thread-safe).
+
+        Flushes run one at a time: a flush that found the batch taken by another one still counting it (the flush
+        thread's) waits for it, so ``/metrics`` and the window evaluation, which flush before they read, never read
+        a batch half counted. Requests keep appending meanwhile (``_lock`` alone)."""
+        with self._flushing:
+            with self._lock:
+                batch, self._pending, self._pending_n = self._pending, [], 0
+            for chunk in _chunks(batch, FLUSH_CHUNK_CANDIDATES):
+                gates = [sc.gates for sc in chunk]
+                for gate in self.gates:
+                    gate.flush(gates)
+                for binned in self.binned:
+                    binned.flush(chunk)
 
 
 def _chunks(batch: list[Scored], candidates: int) -> Iterator[list[Scored]]:

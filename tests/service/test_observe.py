@@ -172,6 +172,48 @@ def test_a_flush_in_chunks_counts_what_one_flush_counts(base_bundle: Path, monke
     assert all(chunked[k] == pytest.approx(v, abs=1e-9) for k, v in whole.items())
 
 
+def test_a_flush_returns_only_once_a_concurrent_flush_has_counted_its_batch(
+        base_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/metrics`` and the window evaluation flush, then read: while the flush thread is still counting the batch it
+    took, their flush must wait for it, not return at once on an empty batch (the PSI of a window once read None
+    because its score bins were half counted)."""
+    import threading
+
+    from service import observe
+    from service.metrics import Metrics
+    from service.scorer import Model, Scored
+    from service.settings import FusionSettings, MonitoringSettings, OnnxSettings
+
+    model = Model.load(base_bundle, OnnxSettings(), FusionSettings())
+    rng = np.random.default_rng(0)
+    p = {t: rng.random(40).astype(np.float32) for t in model.task_names}
+    gates = {g.output: rng.dirichlet(np.ones(len(g.experts)), 40).astype(np.float32) for g in model.manifest.gates}
+    metrics = Metrics()
+    stats = observe.ModelStats(model, metrics, MonitoringSettings())
+    stats.observe(Scored(p, p, gates), 40)
+    entered, release = threading.Event(), threading.Event()
+    gate_flush = observe._Gate.flush
+
+    def slow_flush(self: Any, batch: list[dict[str, np.ndarray]]) -> None:
+        entered.set()
+        release.wait(10)
+        gate_flush(self, batch)
+
+    monkeypatch.setattr(observe._Gate, "flush", slow_flush)
+    first = threading.Thread(target=stats.flush)
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=stats.flush)  # a reader's flush: the batch is already taken
+    second.start()
+    second.join(0.3)
+    assert second.is_alive(), "a second flush returned while the first was still counting"
+    release.set()
+    first.join(10)
+    second.join(10)
+    candidates = [s.value for f in metrics.registry.collect() for s in f.samples if s.name == "mtrank_gate_candidates_total"]
+    assert candidates and all(v == 40 for v in candidates)
+
+
 @pytest.mark.parametrize("arch", ["mmoe", "ple"])
 def test_gate_counters_equal_the_onnx_gate_outputs(arch: str, tiny_run: Path, ple_run: Path, tmp_path: Path,
                                                    start_server: Any) -> None:
