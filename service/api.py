@@ -387,9 +387,15 @@ async def readyz(svc: ServicesDep, response: Response) -> dict[str, Any]:
 
 @router.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
 async def metrics(svc: ServicesDep) -> Response:
-    svc.obs.flush()  # this worker's accumulated per-request statistics (the others flush every second)
-    body, content_type = svc.metrics.render()
+    body, content_type = await run_in_threadpool(_render_metrics, svc)
     return Response(body, media_type=content_type)
+
+
+def _render_metrics(svc: Services) -> tuple[bytes, str]:
+    """Off the event loop: this worker's kept per-request statistics counted first (waiting for a flush under way;
+    the other workers' flush every ``monitoring.flush_interval_s``), then the exposition."""
+    svc.obs.flush()
+    return svc.metrics.render()
 
 
 # ------------------------------------------------------------------------------------ admin
