@@ -200,9 +200,9 @@ class ModelStats:
     def flush(self) -> None:
         """Count every request kept before the call into the counters; on return they hold it all (thread-safe).
 
-        Flushes run one at a time: a flush that found the batch taken by another one still counting it (the flush
-        thread's) waits for it, so ``/metrics`` and the window evaluation, which flush before they read, never read
-        a batch half counted. Requests keep appending meanwhile (``_lock`` alone)."""
+        Flushes run one at a time: one called while another is counting its batch (the flush thread's) waits for it,
+        so ``/metrics`` and the window evaluation, which flush before they read, never read a batch half counted.
+        Requests keep appending meanwhile (they take ``_lock`` alone)."""
         with self._flushing:
             with self._lock:
                 batch, self._pending, self._pending_n = self._pending, [], 0
