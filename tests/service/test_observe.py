@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,9 @@ from scipy.stats import entropy as scipy_entropy
 from tests.conftest import demo_config
 from tests.service.conftest import clone_bundle, rank_body, wait_until
 from tests.service.test_api import metric
+
+if TYPE_CHECKING:
+    from service.scorer import Model, Scored
 
 USER_COLS = ["user_id", "user_age_bucket", "user_country", "user_activity", "device", "hour"]
 ITEM_COLS = ["item_category", "item_price", "item_tags", "item_popularity"]
@@ -135,24 +138,28 @@ def test_top1_counts_and_entropy_over_the_expert_major_layout() -> None:
     assert normalised_entropy(w) == pytest.approx(want, abs=1e-6)
 
 
+def random_scored(model: Model, rng: np.random.Generator, n: int) -> Scored:
+    """A ``Scored`` of ``n`` candidates for ``model``: uniform raw scores, their square roots as calibrated, Dirichlet
+    gate weights."""
+    from service.scorer import Scored
+
+    p = {t: rng.random(n).astype(np.float32) for t in model.task_names}
+    gates = {g.output: rng.dirichlet(np.ones(len(g.experts)), n).astype(np.float32) for g in model.manifest.gates}
+    return Scored(p, {t: np.sqrt(v) for t, v in p.items()}, gates)
+
+
 def test_a_flush_in_chunks_counts_what_one_flush_counts(base_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch counted chunk by chunk (``FLUSH_CHUNK_CANDIDATES``) leaves every counter where one pass over the whole
     batch leaves it; the chunks cut the batch at request boundaries, in order, each of at least the chunk's
     candidates but the last."""
     from service import observe
     from service.metrics import Metrics
-    from service.scorer import Model, Scored
+    from service.scorer import Model
     from service.settings import FusionSettings, MonitoringSettings, OnnxSettings
 
     model = Model.load(base_bundle, OnnxSettings(), FusionSettings())
     rng = np.random.default_rng(0)
-
-    def scored(n: int) -> Scored:
-        p = {t: rng.random(n).astype(np.float32) for t in model.task_names}
-        gates = {g.output: rng.dirichlet(np.ones(len(g.experts)), n).astype(np.float32) for g in model.manifest.gates}
-        return Scored(p, {t: np.sqrt(v) for t, v in p.items()}, gates)
-
-    batch = [scored(n) for n in (50, 10, 70, 30, 30, 5, 90)]
+    batch = [random_scored(model, rng, n) for n in (50, 10, 70, 30, 30, 5, 90)]
     sizes = [[len(sc.raw[model.task_names[0]]) for sc in chunk] for chunk in observe._chunks(batch, 60)]
     assert sizes == [[50, 10], [70], [30, 30], [5, 90]]
 
@@ -181,16 +188,13 @@ def test_a_flush_returns_only_once_a_concurrent_flush_has_counted_its_batch(
 
     from service import observe
     from service.metrics import Metrics
-    from service.scorer import Model, Scored
+    from service.scorer import Model
     from service.settings import FusionSettings, MonitoringSettings, OnnxSettings
 
     model = Model.load(base_bundle, OnnxSettings(), FusionSettings())
-    rng = np.random.default_rng(0)
-    p = {t: rng.random(40).astype(np.float32) for t in model.task_names}
-    gates = {g.output: rng.dirichlet(np.ones(len(g.experts)), 40).astype(np.float32) for g in model.manifest.gates}
     metrics = Metrics()
     stats = observe.ModelStats(model, metrics, MonitoringSettings())
-    stats.observe(Scored(p, p, gates), 40)
+    stats.observe(random_scored(model, np.random.default_rng(0), 40), 40)
     entered, release = threading.Event(), threading.Event()
     gate_flush = observe._Gate.flush
 
